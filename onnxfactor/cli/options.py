@@ -1,0 +1,68 @@
+"""Option aliases shared by the commands (typer ``Annotated`` types)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class RankPolicy(str, Enum):
+    vbmf = "vbmf"
+    weakened = "weakened"
+    ratio = "ratio"
+    energy = "energy"
+    file = "file"
+
+
+class Rank0Rule(str, Enum):
+    keep = "keep"
+    min = "min"
+
+
+InputModel = Annotated[Path, typer.Argument(help="Input ONNX model (never modified).", show_default=False)]
+InputShapes = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--input-shape",
+        help="Fix a dynamic input shape, e.g. images=1x3x640x640 (repeatable). "
+        "Default: dynamic axis 0 -> 1, other dynamic axes -> 224.",
+        show_default=False,
+    ),
+]
+Policy = Annotated[RankPolicy, typer.Option("--ranks", help="Rank policy (see README 'How ranks are chosen').")]
+Weaken = Annotated[float, typer.Option(help="w of --ranks weakened: r = R - w (R - r_vbmf); 1 = VBMF, 0 = full rank.", min=0.0, max=1.0)]
+Ratio = Annotated[float, typer.Option(help="Fraction of the full rank for --ranks ratio.", min=0.0, max=1.0)]
+Energy = Annotated[float, typer.Option(help="Share of squared singular values kept by --ranks energy.", min=0.0, max=1.0)]
+RankFile = Annotated[Optional[Path], typer.Option(help="JSON ranks per Conv node name (implies --ranks file).", show_default=False)]
+Rank0 = Annotated[Rank0Rule, typer.Option(help="When VBMF says a mode is noise (rank 0): keep it undecomposed, or use --min-rank.")]
+MinRank = Annotated[int, typer.Option(help="Rank used by --rank0 min.", min=1)]
+RoundTo = Annotated[int, typer.Option(help="Round ranks up to a multiple of this (e.g. 8 or 16); 1 = off.", min=1)]
+MinReduction = Annotated[
+    float, typer.Option(help="Decompose a layer only if its MACs and parameters both drop by this fraction.", min=-1.0, max=1.0)
+]
+InMinChannels = Annotated[
+    int, typer.Option("--in-min-channels", help="Convs with at most this many input channels are decomposed on the output mode only.", min=0)
+]
+Hooi = Annotated[int, typer.Option("--hooi", help="HOOI refinement sweeps after the HOSVD (0 = HOSVD only).", min=0)]
+Nodes = Annotated[Optional[list[str]], typer.Option("--node", help="Only decompose this Conv node (repeatable).", show_default=False)]
+Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Never decompose this Conv node (repeatable).", show_default=False)]
+Data = Annotated[
+    Optional[Path],
+    typer.Option(help="Validation inputs: .npz keyed by input name (+ optional 'labels'). Default: seeded random inputs.", show_default=False),
+]
+Seed = Annotated[int, typer.Option(help="Seed of the random validation inputs.")]
+MaxSamples = Annotated[Optional[int], typer.Option(help="Validate on at most this many samples of --data.", show_default=False, min=1)]
+Provider = Annotated[
+    Optional[str], typer.Option(help="ONNX Runtime execution provider (cpu, cuda, ...). Default: CUDA if available, else CPU.", show_default=False)
+]
+Threads = Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: ORT's choice).", show_default=False, min=1)]
+LatencyRuns = Annotated[int, typer.Option(help="Interleaved timing runs per model (0 = no latency measurement).", min=0)]
+MaxRelError = Annotated[
+    Optional[float],
+    typer.Option(help="Fail with exit code 3 (and write no model) if any output's relative L2 error exceeds this.", show_default=False, min=0.0),
+]
+ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write every per-layer figure to this JSON file.", show_default=False)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")]

@@ -1,0 +1,130 @@
+"""Rich rendering of reports. The only module that prints."""
+
+from __future__ import annotations
+
+import contextlib
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _num(n) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _ratio(r) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _ranks(ranks: dict | None) -> str:
+    if not ranks:
+        return "-"
+    return ", ".join(f"{k}={'-' if v is None else v}" for k, v in ranks.items())
+
+
+class Renderer:
+    """Prints progress, tables and summaries to the terminal (stdout)."""
+
+    def __init__(self, quiet: bool = False):
+        self.console = Console(highlight=False, soft_wrap=False)
+        self.quiet = quiet
+
+    @contextlib.contextmanager
+    def progress(self, label: str):
+        """A progress bar over layers; yields the ``progress(done, total, name)`` callback."""
+        columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[layer]}"), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True, disable=self.quiet) as bar:
+            task = bar.add_task(label, total=None, layer="")
+
+            def update(done: int, total: int, name: str) -> None:
+                bar.update(task, completed=done, total=total, layer=escape(name))
+
+            yield update
+
+    def layer_table(self, report, title: str) -> Table:
+        table = Table(title=title, title_justify="left", show_lines=False)
+        for col, justify in (("layer", "left"), ("weight", "left"), ("status", "left"), ("VBMF", "right"), ("ranks", "left"),
+                             ("params", "right"), ("MACs", "right"), ("rel. err", "right"), ("reason", "left")):
+            table.add_column(col, justify=justify, overflow="fold")
+        for layer in report.layers:
+            vbmf = ", ".join(f"{m['mode']}={m['vbmf_rank']}/{m['full_rank']}" for m in layer.modes) or "-"
+            table.add_row(
+                escape(layer.name),
+                "x".join(str(d) for d in layer.weight_shape) + (f" g{layer.group}" if layer.group > 1 else ""),
+                layer.status,
+                vbmf,
+                _ranks(layer.ranks),
+                _ratio(layer.params_ratio),
+                _ratio(layer.macs_ratio),
+                "-" if layer.rel_reconstruction_error is None else f"{layer.rel_reconstruction_error:.3f}",
+                escape(layer.reason or ""),
+            )
+        return table
+
+    def _skipped(self, report) -> None:
+        if report.skipped:
+            table = Table(title="Not candidates", title_justify="left")
+            for col in ("node", "op", "reason"):
+                table.add_column(col, overflow="fold")
+            for s in report.skipped:
+                table.add_row(escape(s["graph_path"] + s["name"]), s["op_type"], escape(s["reason"]))
+            self.console.print(table)
+
+    def _totals(self, report) -> None:
+        t = report.totals
+        self.console.print(
+            f"conv params {_num(t.conv_params_before)} -> {_num(t.conv_params_after)}, "
+            f"conv MACs {_num(t.conv_macs_before)} -> {_num(t.conv_macs_after)} ({_ratio(t.conv_macs_ratio)} fewer)"
+            + ("" if t.macs_known else " [partial: unknown shapes]")
+            + f", model params {_num(t.model_params_before)} -> {_num(t.model_params_after)} ({_ratio(t.model_params_ratio)} smaller)"
+        )
+        if t.model_bytes_before and t.model_bytes_after:
+            self.console.print(f"file size {_num(t.model_bytes_before)}B -> {_num(t.model_bytes_after)}B")
+
+    def validation(self, v: dict | None) -> None:
+        if not v:
+            return
+        table = Table(title=f"Validation on {escape(v['input_source'])} ({', '.join(v['providers'])})", title_justify="left")
+        for col in ("output", "max abs", "rel L2", "cosine", "top-1 agree"):
+            table.add_column(col, justify="right" if col != "output" else "left")
+        for o in v["outputs"]:
+            top1 = "-" if o.get("top1_agreement") is None else f"{o['top1_agreement']:.4f}"
+            table.add_row(escape(o["name"]), f"{o['max_abs']:.4g}", f"{o['rel_l2']:.4g}", f"{o['cosine']:.6f}", top1)
+        self.console.print(table)
+        if v.get("accuracy_original") is not None:
+            self.console.print(f"accuracy {v['accuracy_original']:.4f} -> {v['accuracy_compressed']:.4f}")
+        lo, lc = v.get("latency_original"), v.get("latency_compressed")
+        if lo and lc:
+            self.console.print(
+                f"latency (median of {lo['runs']} interleaved runs) {lo['median_ms']:.3f} ms -> {lc['median_ms']:.3f} ms "
+                f"(speedup {lo['median_ms'] / lc['median_ms']:.2f}x)"
+            )
+
+    def compress_report(self, report) -> None:
+        if not self.quiet:
+            self.console.print(self.layer_table(report, "Layers"))
+            self._skipped(report)
+            self.validation(report.validation)
+            for w in report.warnings:
+                self.console.print(f"[yellow]warning:[/] {escape(w)}")
+        self._totals(report)
+        self.console.print(
+            f"decomposed {len(report.decomposed)} of {len(report.layers)} Conv layers, kept {len(report.kept)}, "
+            f"not candidates {len(report.skipped)}; wrote {escape(str(report.output_path))} "
+            f"in {report.timings.get('total', 0):.2f} s (+{report.timings.get('check', 0) + report.timings.get('validate', 0):.2f} s checks)"
+        )
+
+    def analyze_report(self, report) -> None:
+        self.console.print(self.layer_table(report, "Analysis (nothing written)"))
+        self._skipped(report)
+        self._totals(report)
+        sigma = [f"{escape(l.name)}: " + ", ".join(f"{m['mode']} sigma2={m['sigma2']:.3g}" for m in l.modes) for l in report.layers if l.modes]
+        if sigma:
+            self.console.print("VBMF noise variance: " + "; ".join(sigma[:8]) + (" ..." if len(sigma) > 8 else ""))

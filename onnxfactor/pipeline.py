@@ -1,0 +1,458 @@
+"""The only place that wires the stages:
+load -> analyse -> ranks -> decompose -> rewrite -> export -> (check, validate, save).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxfactor import io as model_io
+from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, iter_graphs, name_unnamed_nodes
+from onnxfactor.config import CompressConfig
+from onnxfactor.errors import NothingToCompress, OutputError, ValidationFailed
+from onnxfactor.methods import METHODS
+from onnxfactor.methods.base import dense_weight
+from onnxfactor.ranks.policies import RankChoice, choose_ranks, load_rank_file
+from onnxfactor.report import CompressReport, LayerReport, Totals
+from onnxfactor.rewrite import Rewriter, export_model
+
+#: progress(done, total, layer_name) is called after each layer.
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class CompressResult:
+    """The compressed model and the report of what was done."""
+
+    model: onnx.ModelProto
+    report: CompressReport
+    external_data: bool = False  # the source stored its weights as external data
+
+    def __iter__(self):  # allows ``model, report = compress(...)``
+        return iter((self.model, self.report))
+
+
+@dataclass
+class _Prepared:
+    loaded: model_io.LoadedModel
+    graph: gs.Graph
+    sites: list[ConvSite]
+    skipped: list[SkippedNode]
+    input_shapes: dict
+
+
+def _prepare(source, input_shapes: dict | None) -> _Prepared:
+    from onnxfactor.validation.inputs import resolve_input_shapes
+
+    loaded = model_io.load_model(source)
+    resolved = resolve_input_shapes(loaded.model, input_shapes or {})
+    shapes = infer_shapes(loaded.model, resolved)
+    graph = gs.import_onnx(loaded.model)
+    name_unnamed_nodes(graph)
+    sites, skipped = find_conv_sites(graph, shapes)
+    if not sites and not skipped:
+        raise NothingToCompress("the model has no Conv node: nothing to compress")
+    return _Prepared(loaded, graph, sites, skipped, resolved)
+
+
+def _selection_reason(site: ConvSite, config: CompressConfig, explicit: dict | None) -> str | None:
+    if config.nodes and site.name not in config.nodes:
+        return "not selected (--nodes)"
+    if site.name in config.exclude:
+        return "excluded (--exclude)"
+    if explicit is not None and site.name not in explicit:
+        return "not listed in the rank file"
+    return None
+
+
+def _layer_base(site: ConvSite) -> LayerReport:
+    g = site.geometry
+    return LayerReport(
+        name=site.name,
+        graph_path=site.graph_path,
+        status="kept",
+        reason=None,
+        weight_shape=list(site.weight_shape),
+        group=g.group,
+        kernel_shape=list(g.kernel_shape),
+        strides=list(g.strides),
+        input_shape=list(site.input_shape) if site.input_shape else None,
+        output_shape=list(site.output_shape) if site.output_shape else None,
+        params_before=site.params,
+        macs_before=site.macs,
+    )
+
+
+def _kept_reason(choice: RankChoice) -> str:
+    notes = "; ".join(f"{m.mode}: {m.note}" for m in choice.modes)
+    return f"no mode worth decomposing ({notes})"
+
+
+class _LayerDecomposer:
+    """Ranks and decomposes sites, caching spectra per weight (a shared weight is analysed once)."""
+
+    def __init__(self, config: CompressConfig, explicit: dict | None, method: str = "tucker2"):
+        self.config = config
+        self.explicit = explicit
+        self.method = METHODS[method]
+        self._spectra: dict[tuple, object] = {}
+
+    def in_mode(self, site: ConvSite) -> bool:
+        return site.in_per_group > self.config.in_mode_min_channels
+
+    def spectra(self, site: ConvSite, weight: np.ndarray):
+        key = (site.graph_path, site.weight.name, site.geometry.group, self.in_mode(site))
+        if key not in self._spectra:
+            self._spectra[key] = self.method.weight_spectra(weight, site.geometry, in_mode=self.in_mode(site))
+        return self._spectra[key]
+
+    def choose(self, site: ConvSite) -> tuple[RankChoice, np.ndarray, object]:
+        weight = np.asarray(site.weight.values, dtype=np.float32)
+        spectra = self.spectra(site, weight)
+        entry = self.explicit.get(site.name) if self.explicit is not None else None
+        if entry is not None and not site.geometry.is_pointwise and not self.in_mode(site):
+            entry = {**entry, "in": None}
+        return choose_ranks(spectra, self.config.ranks, entry), weight, spectra
+
+    def run(self, site: ConvSite, rewriter: Rewriter | None) -> LayerReport:
+        start = time.perf_counter()
+        layer = _layer_base(site)
+        reason = _selection_reason(site, self.config, self.explicit)
+        if reason is not None:
+            layer.reason = reason
+            return layer
+        choice, weight, spectra = self.choose(site)
+        layer.modes = [m.to_dict() for m in choice.modes]
+        if not choice.decomposes:
+            layer.reason = _kept_reason(choice)
+            layer.seconds = time.perf_counter() - start
+            return layer
+        chain = self.method.decompose(weight, site.geometry, choice.ranks, spectra=spectra, hooi_iters=self.config.hooi_iters)
+        layer.method, layer.ranks = chain.method, dict(chain.ranks)
+        layer.params_after = chain.params
+        if site.in_spatial is not None and site.out_spatial is not None:
+            layer.macs_after = chain.macs(site.in_spatial, site.out_spatial)
+        original = dense_weight(weight, site.geometry.group)
+        norm = float(np.linalg.norm(original))
+        layer.rel_reconstruction_error = float(np.linalg.norm(chain.reconstruct() - original) / norm) if norm > 0 else 0.0
+        layer.reason = self._margin_reason(layer)
+        if layer.reason is None and rewriter is not None:
+            share_key = (site.graph_path, site.weight.name, tuple(sorted(chain.ranks.items())), self.config.hooi_iters)
+            layer.new_nodes = rewriter.replace(site, chain, share_key)
+            layer.status = "decomposed"
+        layer.seconds = time.perf_counter() - start
+        return layer
+
+    def _margin_reason(self, layer: LayerReport) -> str | None:
+        m = self.config.min_reduction
+        if m is None:
+            return None
+        cuts = {"params": 1 - layer.params_after / layer.params_before}
+        if layer.macs_before and layer.macs_after is not None:
+            cuts["MACs"] = 1 - layer.macs_after / layer.macs_before
+        short = [f"{k} {v:+.0%}" for k, v in cuts.items() if v < m]
+        if short:
+            return f"chain would change {', '.join(short)}; needs a cut of at least {m:.0%} (--min-reduction)"
+        return None
+
+
+def _model_params(model: onnx.ModelProto) -> int:
+    total = 0
+
+    def visit(graph: onnx.GraphProto):
+        nonlocal total
+        total += sum(math.prod(t.dims) for t in graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        visit(sub)
+
+    visit(model.graph)
+    return total
+
+
+def _totals(layers: list[LayerReport], before: onnx.ModelProto, after: onnx.ModelProto) -> Totals:
+    t = Totals(model_params_before=_model_params(before), model_params_after=_model_params(after))
+    for layer in layers:
+        decomposed = layer.status == "decomposed"
+        t.conv_params_before += layer.params_before
+        t.conv_params_after += layer.params_after if decomposed else layer.params_before
+        if layer.macs_before is None or (decomposed and layer.macs_after is None):
+            t.macs_known = False
+            continue
+        t.conv_macs_before += layer.macs_before
+        t.conv_macs_after += layer.macs_after if decomposed else layer.macs_before
+    return t
+
+
+def _load_explicit(config: CompressConfig, sites: list[ConvSite]) -> dict | None:
+    if config.ranks.policy != "file":
+        return None
+    if config.ranks.rank_file is None:
+        from onnxfactor.errors import UsageError
+
+        raise UsageError("rank policy 'file' needs a rank file (--rank-file ranks.json)")
+    known = {s.name: (s.geometry.is_pointwise, s.out_per_group, s.in_per_group) for s in sites}
+    return load_rank_file(config.ranks.rank_file, known)
+
+
+def compress(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    config: CompressConfig | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    progress: Progress | None = None,
+) -> CompressResult:
+    """Decompose the Conv layers of ``model`` and return the rewritten model and a report.
+
+    ``model`` is a path or a ``ModelProto`` (never modified). ``input_shapes`` fixes dynamic input
+    dimensions for shape inference (MAC counts); see :func:`onnxfactor.validation.resolve_input_shapes`
+    for the defaults. Nothing is written to disk; see :func:`compress_file`.
+    """
+    config = config or CompressConfig()
+    timings = {}
+    t0 = time.perf_counter()
+    prep = _prepare(model, input_shapes)
+    explicit = _load_explicit(config, prep.sites)
+    timings["load_and_analyse"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    decomposer = _LayerDecomposer(config, explicit)
+    rewriter = Rewriter(prep.graph)
+    layers = []
+    for index, site in enumerate(prep.sites):
+        layers.append(decomposer.run(site, rewriter))
+        if progress is not None:
+            progress(index + 1, len(prep.sites), site.name)
+    timings["decompose"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    normalised = prep.loaded.model
+    out = export_model(prep.graph, normalised)
+    out = model_io.restore_conventions(out, prep.loaded.ir_version)
+    timings["export"] = time.perf_counter() - t2
+
+    report = CompressReport(
+        config=dataclasses.asdict(config),
+        input_shapes={k: list(v) for k, v in prep.input_shapes.items()},
+        layers=layers,
+        skipped=[dataclasses.asdict(s) for s in prep.skipped],
+        folded=list(prep.loaded.folded),
+        totals=_totals(layers, normalised, out),
+        timings=timings,
+        input_path=str(prep.loaded.path) if prep.loaded.path else None,
+    )
+    if not report.totals.macs_known:
+        report.warnings.append("some Conv output shapes are unknown: MAC totals cover only the known layers (set --input-shape)")
+    timings["total"] = time.perf_counter() - t0
+    return CompressResult(out, report, external_data=prep.loaded.external_data)
+
+
+def analyze(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    config: CompressConfig | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> CompressReport:
+    """Per layer: shapes, VBMF ranks and sigma^2, the chosen ranks and the predicted compression.
+
+    Runs the same rank choice and decomposition as :func:`compress` but rewrites nothing.
+    """
+    config = config or CompressConfig()
+    prep = _prepare(model, input_shapes)
+    explicit = _load_explicit(config, prep.sites)
+    decomposer = _LayerDecomposer(config, explicit)
+    layers = [decomposer.run(site, None) for site in prep.sites]
+    for layer in layers:
+        if layer.reason is None and layer.params_after is not None:
+            layer.status = "would decompose"
+    report = CompressReport(
+        config=dataclasses.asdict(config),
+        input_shapes={k: list(v) for k, v in prep.input_shapes.items()},
+        layers=layers,
+        skipped=[dataclasses.asdict(s) for s in prep.skipped],
+        folded=list(prep.loaded.folded),
+        input_path=str(prep.loaded.path) if prep.loaded.path else None,
+    )
+    report.totals = _totals([dataclasses.replace(l, status="decomposed" if l.status == "would decompose" else l.status) for l in layers],
+                            prep.loaded.model, prep.loaded.model)
+    return report
+
+
+def check_written_model(path: Path, original: Path | onnx.ModelProto | None = None) -> list[str]:
+    """``onnx.checker`` (full check) and an ONNX Runtime load of the model file at ``path``.
+
+    If the full check fails on a model whose original already fails it (some exporters write
+    models that strict shape inference rejects), the basic check is required instead and a
+    warning is returned. Raises :class:`OutputError` when a check fails.
+    """
+    warnings = []
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001 - checker raises several types
+        original_fails = False
+        if original is not None:
+            try:
+                onnx.checker.check_model(str(original) if isinstance(original, Path) else original, full_check=True)
+            except Exception:  # noqa: BLE001
+                original_fails = True
+        if not original_fails:
+            raise OutputError(f"the rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from None
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as e2:  # noqa: BLE001
+            raise OutputError(f"the rewritten model fails onnx.checker: {str(e2).splitlines()[0]}") from None
+        warnings.append(f"full onnx.checker fails on the original model too ({str(e).splitlines()[0]}); basic check passed")
+    from onnxfactor.validation.providers import make_session
+
+    try:
+        make_session(path, ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own types
+        raise OutputError(f"ONNX Runtime cannot load the rewritten model: {str(e).splitlines()[0]}") from None
+    return warnings
+
+
+@dataclass(frozen=True)
+class ValidationOptions:
+    """How to compare the compressed model against the original in ONNX Runtime."""
+
+    data: Path | None = None
+    seed: int = 0
+    max_samples: int | None = None
+    provider: str | None = None
+    threads: int | None = None
+    latency_runs: int = 50
+    max_rel_error: float | None = None
+
+
+def validate(
+    original: str | os.PathLike | onnx.ModelProto,
+    compressed: str | os.PathLike | onnx.ModelProto,
+    *,
+    options: ValidationOptions | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+):
+    """Run both models in ONNX Runtime on the same inputs; errors, agreement, accuracy, latency.
+
+    Returns a :class:`onnxfactor.validation.ValidationResult`.
+    """
+    from onnxfactor.validation import make_inputs, resolve_providers
+    from onnxfactor.validation import validate as run_validation
+
+    options = options or ValidationOptions()
+    reference = original if isinstance(original, onnx.ModelProto) else model_io.load_model(original).model
+    inputs = make_inputs(reference, data=options.data, shapes=input_shapes or {}, seed=options.seed, max_samples=options.max_samples)
+    providers = resolve_providers(options.provider)
+    return run_validation(
+        original, compressed, inputs=inputs, providers=providers, threads=options.threads, latency_runs=options.latency_runs
+    )
+
+
+def validate_files(original, compressed, *, options: ValidationOptions, input_shapes=None, report_path=None):
+    """:func:`validate` for two files, optionally writing the result as JSON."""
+    for p in (original, compressed):
+        model_io.load_model(p)  # clear errors for missing / non-ONNX files
+    result = validate(Path(original), Path(compressed), options=options, input_shapes=input_shapes)
+    if report_path is not None:
+        import json
+
+        from onnxfactor.report import to_jsonable
+
+        Path(report_path).write_text(json.dumps(to_jsonable(result.to_dict()), indent=2) + "\n")
+    return result
+
+
+def _preflight_output(input_path: Path, output_path: Path, report_path: Path | None) -> None:
+    """Fail fast, before any heavy work, on an output that cannot or must not be written."""
+    if not input_path.exists():
+        return  # load_model reports it
+    if output_path.resolve() == input_path.resolve() or (output_path.exists() and os.path.samefile(output_path, input_path)):
+        raise OutputError(f"output path {output_path} is the input model; choose another output file (the input is never overwritten)")
+    for target, what in ((output_path, "output"), (report_path, "report")):
+        if target is None:
+            continue
+        if target.is_dir():
+            raise OutputError(f"{what} path {target} is a directory; give a file name")
+        parent = target.resolve().parent
+        if not parent.is_dir():
+            raise OutputError(f"{what} directory does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"cannot write the {what} to {parent}: permission denied")
+
+
+def compress_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    config: CompressConfig | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    validation: ValidationOptions | None = ValidationOptions(),
+    report_path: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> CompressReport:
+    """Compress a model file and write the result atomically, only after it passes every check.
+
+    Checks, on a temporary file next to the output: ``onnx.checker`` (full), an ONNX Runtime
+    load, and (unless ``validation`` is None) the comparison against the original, which fails
+    with :class:`ValidationFailed` (exit code 3) when ``validation.max_rel_error`` is exceeded; no
+    model is written then. The report (if asked for) is written in every case that got that far.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    report_path = Path(report_path) if report_path is not None else None
+    _preflight_output(input_path, output_path, report_path)
+    result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress)
+    report = result.report
+    if not report.decomposed:
+        report.warnings.append("no layer was decomposed: the output computes the same as the input")
+
+    def check(tmp_path: Path) -> None:
+        t = time.perf_counter()
+        report.warnings.extend(check_written_model(tmp_path, original=input_path))
+        report.timings["check"] = time.perf_counter() - t
+        if validation is None:
+            return
+        t = time.perf_counter()
+        vr = validate(input_path, tmp_path, options=validation, input_shapes=input_shapes)
+        report.validation = vr.to_dict()
+        report.timings["validate"] = time.perf_counter() - t
+        if not vr.passed(validation.max_rel_error):
+            raise ValidationFailed(
+                f"worst output relative L2 error {vr.worst_rel_l2:.3g} exceeds --max-rel-error "
+                f"{validation.max_rel_error:g}; no model written"
+            )
+
+    try:
+        model_io.save_model_atomic(result.model, output_path, external_data=result.external_data, check=check)
+        report.output_path = str(output_path)
+        report.totals.model_bytes_before = _file_bytes(input_path, result.external_data)
+        report.totals.model_bytes_after = _file_bytes(output_path, result.external_data)
+    finally:
+        if report_path is not None:
+            report.write_json(report_path)
+    return report
+
+
+def _file_bytes(path: Path, external_data: bool) -> int:
+    """Size of a model file plus, for external-data models, the data files it references."""
+    if not external_data:
+        return path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).exists())

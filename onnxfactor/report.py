@@ -1,0 +1,140 @@
+"""Result types of the pipeline and their JSON form. The library never prints; the CLI renders these."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class LayerReport:
+    """Every figure about one Conv candidate (decomposed or kept)."""
+
+    name: str
+    graph_path: str
+    status: str                         # "decomposed" or "kept"
+    reason: str | None
+    weight_shape: list[int]
+    group: int
+    kernel_shape: list[int]
+    strides: list[int]
+    input_shape: list | None
+    output_shape: list | None
+    params_before: int
+    macs_before: int | None
+    method: str | None = None
+    ranks: dict | None = None
+    modes: list[dict] = field(default_factory=list)
+    params_after: int | None = None
+    macs_after: int | None = None
+    rel_reconstruction_error: float | None = None
+    new_nodes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def params_ratio(self) -> float | None:
+        return _ratio(self.params_before, self.params_after)
+
+    @property
+    def macs_ratio(self) -> float | None:
+        return _ratio(self.macs_before, self.macs_after)
+
+
+def _ratio(before, after) -> float | None:
+    if before is None or after is None or after == 0:
+        return None
+    return before / after
+
+
+@dataclass
+class Totals:
+    """Model-wide counts before and after (MACs per sample at the analysed input shapes)."""
+
+    conv_params_before: int = 0
+    conv_params_after: int = 0
+    conv_macs_before: int = 0
+    conv_macs_after: int = 0
+    macs_known: bool = True
+    model_params_before: int = 0
+    model_params_after: int = 0
+    model_bytes_before: int | None = None
+    model_bytes_after: int | None = None
+
+    @property
+    def conv_macs_ratio(self) -> float | None:
+        return _ratio(self.conv_macs_before, self.conv_macs_after) if self.macs_known else None
+
+    @property
+    def model_params_ratio(self) -> float | None:
+        return _ratio(self.model_params_before, self.model_params_after)
+
+
+@dataclass
+class CompressReport:
+    """What :func:`onnxfactor.compress` did, layer by layer, with totals, timings and validation."""
+
+    config: dict
+    input_shapes: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals)
+    timings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    validation: dict | None = None
+    input_path: str | None = None
+    output_path: str | None = None
+
+    @property
+    def decomposed(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status == "decomposed"]
+
+    @property
+    def kept(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status != "decomposed"]
+
+    def to_dict(self) -> dict:
+        d = to_jsonable(self)
+        d["summary"] = {
+            "conv_candidates": len(self.layers),
+            "decomposed": len(self.decomposed),
+            "kept": len(self.kept),
+            "skipped": len(self.skipped),
+            "conv_macs_ratio": self.totals.conv_macs_ratio,
+            "model_params_ratio": self.totals.model_params_ratio,
+        }
+        return d
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, numpy scalars/arrays, paths and non-finite floats -> plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        for name in ("params_ratio", "macs_ratio", "conv_macs_ratio", "model_params_ratio"):
+            if hasattr(type(obj), name):
+                out[name] = to_jsonable(getattr(obj, name))
+        return out
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj

@@ -1,0 +1,52 @@
+"""Spectra of weight unfoldings, computed once and shared by rank selection and decomposition.
+
+A full SVD of every unfolding dominates compression time on real models. We only ever need the
+singular values of an unfolding and its leading left singular vectors, so we eigendecompose the
+Gram matrix of the mode side instead: for ``A`` of shape ``L x M``, ``A A^T = U diag(s^2) U^T``.
+The Gram product runs in float32 (BLAS), the small ``L x L`` eigendecomposition in float64, which
+keeps ``U`` orthonormal to float64 precision, so a decomposition at full rank stays exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModeSpectrum:
+    """Singular values and left singular vectors of one ``L x M`` unfolding (``L`` = mode size).
+
+    ``singular_values`` holds the ``min(L, M)`` non-trivial values, descending; ``vectors`` is the
+    complete ``L x L`` orthonormal basis ordered the same way (columns beyond ``min(L, M)`` span the
+    null space of ``A^T``).
+    """
+
+    singular_values: np.ndarray
+    vectors: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def full_rank(self) -> int:
+        """The largest rank that can matter: ``min(L, M)``."""
+        return min(self.shape)
+
+
+def mode_spectrum(matrix: np.ndarray) -> ModeSpectrum:
+    """Eigendecompose ``A A^T`` of an ``L x M`` matrix; see the module docstring."""
+    a = np.asarray(matrix, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"mode_spectrum needs a 2-D matrix, got shape {a.shape}")
+    gram = (a @ a.T).astype(np.float64)
+    eigvals, eigvecs = np.linalg.eigh(gram)
+    order = np.argsort(eigvals)[::-1]
+    eigvals = np.clip(eigvals[order], 0.0, None)
+    vectors = eigvecs[:, order]
+    k = min(a.shape)
+    return ModeSpectrum(singular_values=np.sqrt(eigvals[:k]), vectors=vectors, shape=a.shape)
+
+
+def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
+    """Mode-``mode`` unfolding: move axis ``mode`` first and flatten the rest (row-major)."""
+    return np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
