@@ -77,6 +77,7 @@ class Rewriter:
 def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` and copy the model-level fields of ``like`` (IR version, opsets, metadata)."""
     model = gs.export_onnx(graph, do_type_check=False)
+    _hoist_shared_initializers(model.graph)
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
@@ -87,3 +88,48 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     del model.functions[:]
     model.functions.extend(like.functions)
     return model
+
+
+def _graphs_with_paths(graph: onnx.GraphProto, path: tuple = ()):
+    yield path, graph
+    for ni, node in enumerate(graph.node):
+        for ai, attr in enumerate(node.attribute):
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for si, sub in enumerate(subs):
+                yield from _graphs_with_paths(sub, (*path, (ni, ai, si)))
+
+
+def _hoist_shared_initializers(root: onnx.GraphProto) -> None:
+    """Store each initializer once, in the innermost graph that encloses all its copies.
+
+    onnx-graphsurgeon exports every constant a subgraph's nodes use as an initializer of that
+    subgraph, even when it lived in an enclosing graph: a weight used by both branches of an If
+    is written twice (silero-vad grew by 27 %). Names are unique across scopes, so initializers
+    with the same name are copies of one tensor; one copy in the common enclosing graph serves all.
+    """
+    graphs = dict(_graphs_with_paths(root))
+    where: dict[str, list[tuple]] = {}
+    for path, g in graphs.items():
+        for t in g.initializer:
+            where.setdefault(t.name, []).append(path)
+    moves = {name: paths for name, paths in where.items() if len(paths) > 1}
+    if not moves:
+        return
+    remove: dict[tuple, set] = {}
+    for name, paths in moves.items():
+        common = paths[0]
+        for p in paths[1:]:
+            n = 0
+            while n < min(len(common), len(p)) and common[n] == p[n]:
+                n += 1
+            common = common[:n]
+        if common not in paths:
+            source = next(t for t in graphs[paths[0]].initializer if t.name == name)
+            graphs[common].initializer.append(source)
+        for p in paths:
+            if p != common:
+                remove.setdefault(p, set()).add(name)
+    for p, names in remove.items():
+        keep = [t for t in graphs[p].initializer if t.name not in names]
+        del graphs[p].initializer[:]
+        graphs[p].initializer.extend(keep)

@@ -1,0 +1,549 @@
+"""Load and normalise ONNX models; save them atomically.
+
+Loading turns the three ways real files store Conv weights into one: an initializer that is not a
+graph input.
+
+* IR < 4 files list every initializer as a graph input too. There such an input is a weight, so it
+  is dropped from ``graph.input`` (:func:`restore_conventions` lists it again at save time). From
+  IR 4 on an input with an initializer is an overridable default, not a constant, and stays.
+* ``Constant`` nodes (PaddleOCR exports, PyTorch exports of If branches) become initializers.
+* ``ConstantOfShape`` fed by a constant shape (the ONNX "light" test models) becomes an
+  initializer filled with its ``value``.
+
+Folding is done in the main graph and in the subgraphs of If/Loop/Scan, each folded tensor landing
+in the initializer list of the graph that held the node. Nothing else changes: node order, names,
+metadata, opset imports, IR version and functions are kept; initializers left unused are the
+rewrite stage's to clean up.
+
+Saving writes to a temporary file next to the target, runs the caller's check on it, then renames it
+over the target (``os.replace``), so a failed run never leaves a partial or unchecked model behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import EncodeError
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from onnxfactor.errors import InputModelError, OutputError
+
+log = logging.getLogger(__name__)
+
+# A ConstantOfShape whose output would not fit in one protobuf message (2 GiB) is left for the runtime.
+_MAX_FOLDED_BYTES = 2**31 - 1
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Where a TensorProto keeps its values when not in raw_data (string_data is never made external).
+_TYPED_DATA_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+# Types stored several elements to a byte: their raw data cannot be built by repeating one element.
+_PACKED_TYPES = frozenset(
+    getattr(TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(TensorProto, name)
+)
+_NOT_ONNX_HINT = "is this an ONNX file?"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis: a normalised copy plus what is needed to save it like the source.
+
+    ``model`` is never the caller's object. ``ir_version`` is the source's IR version, which decides
+    :func:`restore_conventions` at save time. ``folded`` has one line per Constant/ConstantOfShape
+    turned into an initializer, e.g. ``"Constant 'x' -> initializer"``.
+    """
+
+    model: ModelProto
+    path: Path | None
+    ir_version: int
+    external_data: bool
+    folded: list[str] = field(default_factory=list)
+
+
+def load_model(source: str | os.PathLike | ModelProto) -> LoadedModel:
+    """Load an ONNX file (with its external data) or copy a ModelProto, check it, and normalise it.
+
+    Raises :class:`InputModelError` when the file is missing, unreadable, not ONNX, truncated, has
+    missing external data, or fails ``onnx.checker.check_model`` (basic check).
+    """
+    if isinstance(source, ModelProto):
+        model = ModelProto()
+        model.CopyFrom(source)
+        path, external, label = None, False, "input model"
+        _check_is_model(model, label)
+        serialised = _serialise(model)
+        if serialised is None:
+            log.warning("input model is larger than 2 GiB and has no file: onnx.checker skipped")
+        else:
+            _check_input(serialised, label)
+    else:
+        path = Path(source)
+        model, external, serialised = _read_model_file(path)
+        label = f"input model {path}"
+        _check_is_model(model, label)
+        # The checker reads bytes far faster than a ModelProto (which it would serialise first); with
+        # external data it needs the path, to look for the data files next to the model.
+        _check_input(str(path) if external else serialised, label)
+        del serialised
+
+    ir_version = model.ir_version
+    folded: list[str] = []
+    _normalise_graph(
+        model.graph,
+        outer={},
+        drop_weight_inputs=ir_version < 4,
+        fold_here=True,
+        fold_subgraphs=ir_version >= 4,
+        scope="",
+        folded=folded,
+    )
+    if folded:
+        log.debug("%s: folded %d constants into initializers", label, len(folded))
+    return LoadedModel(model=model, path=path, ir_version=ir_version, external_data=external, folded=folded)
+
+
+def restore_conventions(model: ModelProto, ir_version: int) -> ModelProto:
+    """Undo the IR < 4 normalisation before saving: list every main-graph initializer as a graph input.
+
+    IR < 4 requires each initializer to appear in ``graph.input``; :func:`load_model` removed those
+    entries. The input gets the initializer's element type and shape. Modifies ``model`` in place
+    and returns it; a no-op for ``ir_version >= 4``.
+    """
+    if ir_version >= 4:
+        return model
+    graph = model.graph
+    listed = {value.name for value in graph.input}
+    for init in graph.initializer:
+        if init.name not in listed:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            listed.add(init.name)
+    return model
+
+
+def save_model_atomic(
+    model: ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool = False,
+    check: Callable[[Path], None] | None = None,
+    size_threshold: int = 1024,
+) -> Path:
+    """Write ``model`` to ``path`` through a temporary file in the same directory, then rename it.
+
+    ``check(tmp_path)`` runs on the written temporary model before the rename; if it raises, the
+    temporary files are deleted and the exception propagates, leaving an existing target untouched.
+
+    With ``external_data=True``, or when the model is too large for one protobuf (2 GiB), tensors of at
+    least ``size_threshold`` bytes go to ``<file name>.data`` next to the model (all in one file); the
+    data file is moved into place first and the model file last. ``model`` itself is left unchanged.
+    Keep ``size_threshold`` above the size of shape tensors: ONNX Runtime's shape inference cannot
+    read a Reshape's shape from external data.
+
+    Raises :class:`OutputError` when the target is a directory, its directory is missing or not
+    writable, or writing fails. Returns the final path.
+    """
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise OutputError(f"output path is a directory: {target}; give a file name such as {target / 'model.onnx'}")
+    if not parent.is_dir():
+        if parent.exists():
+            raise OutputError(f"output directory is not a directory: {parent}")
+        raise OutputError(f"output directory does not exist: {parent}; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {parent}: permission denied")
+
+    mode = _file_mode(target)
+    serialised = None if external_data else _serialise(model)
+    if serialised is not None:
+        _save_inline(serialised, target, check, mode)
+        return target
+    if not external_data:
+        log.info("model is larger than 2 GiB: saving %s with external data", target)
+    _save_external(model, target, check, size_threshold, mode)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_model_file(path: Path) -> tuple[ModelProto, bool, bytes]:
+    """Parse ``path`` and load its external data: the model, whether it used external data, the file's bytes."""
+    if not path.exists():
+        raise InputModelError(f"input model not found: {path}")
+    if path.is_dir():
+        raise InputModelError(f"input model {path} is a directory, not an ONNX file")
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise InputModelError(f"cannot read input model {path}: permission denied") from None
+    except OSError as e:
+        raise InputModelError(f"cannot read input model {path}: {e.strerror or e}") from None
+    if not data:
+        raise InputModelError(f"input model {path} is empty (0 bytes); {_NOT_ONNX_HINT}")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:  # DecodeError, RuntimeWarning-as-error, ...: all mean "not a ModelProto"
+        reason = _first_line(e) or type(e).__name__
+        raise InputModelError(
+            f"input model {path} is not a valid ONNX protobuf ({reason}); "
+            "is this an ONNX file, and was it copied completely?"
+        ) from None
+
+    external = [t for t in _model_tensors(model) if uses_external_data(t)]
+    if external:
+        base_dir = path.parent
+        for location in sorted({ExternalDataInfo(t).location for t in external}):
+            if not (base_dir / location).is_file():
+                raise InputModelError(
+                    f"external data file of input model {path} not found: {base_dir / location}; "
+                    "keep the .data file next to the .onnx file"
+                )
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
+            raise InputModelError(f"cannot load external data of input model {path}: {_first_line(e)}") from None
+    return model, bool(external), data
+
+
+def _check_is_model(model: ModelProto, label: str) -> None:
+    """Reject what parsed as protobuf but is not a model: garbage often decodes to an empty message."""
+    if not model.opset_import or not model.HasField("graph") or model.ir_version <= 0:
+        raise InputModelError(f"{label} has no graph, opset import or IR version; {_NOT_ONNX_HINT}")
+    if not model.graph.node:
+        raise InputModelError(f"{label} has an empty graph (no nodes); {_NOT_ONNX_HINT}")
+
+
+def _check_input(model: bytes | str, label: str) -> None:
+    """Run the basic ONNX checker on a serialised model or a model path."""
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        raise InputModelError(f"{label} fails onnx.checker: {_first_line(e)}") from None
+
+
+def _normalise_graph(
+    graph: GraphProto,
+    *,
+    outer: dict[str, TensorProto],
+    drop_weight_inputs: bool,
+    fold_here: bool,
+    fold_subgraphs: bool,
+    scope: str,
+    folded: list[str],
+) -> None:
+    """Normalise ``graph`` in place, then its subgraphs.
+
+    ``outer`` maps the constant tensors visible from enclosing graphs (a ConstantOfShape may read its
+    shape from there). Subgraphs of IR < 4 models are not folded: IR < 4 would require their new
+    initializers to be subgraph inputs, which If/Loop/Scan bodies cannot take.
+    """
+    if drop_weight_inputs:
+        init_names = {init.name for init in graph.initializer}
+        weights = [value for value in graph.input if value.name in init_names]
+        for value in weights:
+            graph.input.remove(value)
+
+    input_names = {value.name for value in graph.input}
+    # An initializer that is also an input can be overridden at run time (IR >= 4): not a constant.
+    constants = dict(outer)
+    constants.update((init.name, init) for init in graph.initializer if init.name not in input_names)
+
+    if fold_here:
+        output_names = {value.name for value in graph.output}
+        taken = {init.name for init in graph.initializer} | input_names
+        drop: set[int] = set()
+        for index, node in enumerate(graph.node):
+            if node.domain not in _DEFAULT_DOMAINS or len(node.output) != 1:
+                continue
+            name = node.output[0]
+            if not name or name in output_names or name in taken:
+                continue
+            if node.op_type == "Constant":
+                source = _constant_tensor(node)
+                what = "Constant"
+            elif node.op_type == "ConstantOfShape" and len(node.input) == 1 and node.input[0] in constants:
+                source = _constant_of_shape_tensor(node, constants[node.input[0]])
+                what = "ConstantOfShape"
+            else:
+                continue
+            if source is None:
+                continue
+            # Build the initializer in place: appending a finished TensorProto would copy it once more,
+            # which for the 240 MB of AlexNet's weights costs more than everything else together.
+            init = graph.initializer.add()
+            if isinstance(source, TensorProto):
+                init.CopyFrom(source)
+            else:
+                init.data_type, dims, raw = source
+                init.dims.extend(dims)
+                init.raw_data = raw
+            init.name = name
+            constants[name] = init
+            taken.add(name)
+            drop.add(index)
+            folded.append(f"{what} {name!r}{scope} -> initializer")
+        if drop:
+            kept = [node for index, node in enumerate(graph.node) if index not in drop]
+            del graph.node[:]
+            graph.node.extend(kept)
+
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                subgraphs = [attr.g]
+            elif attr.type == AttributeProto.GRAPHS:
+                subgraphs = list(attr.graphs)
+            else:
+                continue
+            for sub in subgraphs:
+                _normalise_graph(
+                    sub,
+                    outer=constants,
+                    drop_weight_inputs=False,
+                    fold_here=fold_subgraphs,
+                    fold_subgraphs=fold_subgraphs,
+                    scope=f" (in {node.op_type} {node.name!r}.{attr.name})",
+                    folded=folded,
+                )
+
+
+def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
+    """The tensor of a Constant node (not copied), or None for forms left as nodes (sparse, strings)."""
+    for attr in node.attribute:
+        if attr.ref_attr_name:
+            return None
+        if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+            return attr.t  # copied as it is by the caller: no numpy round trip for big weights
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(attr.floats, dtype=np.float32))
+        if attr.name == "value_int":
+            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
+        if attr.name == "value_ints":
+            return numpy_helper.from_array(np.array(attr.ints, dtype=np.int64))
+    return None
+
+
+def _constant_of_shape_tensor(
+    node: onnx.NodeProto, shape_tensor: TensorProto
+) -> TensorProto | tuple[int, tuple[int, ...], bytes] | None:
+    """ConstantOfShape's output for a constant shape, as ``(data_type, dims, raw_data)`` or a TensorProto.
+
+    None when it cannot be folded (bad shape, string value) or would not fit in a protobuf.
+    """
+    try:
+        shape = numpy_helper.to_array(shape_tensor)
+        if shape.ndim != 1 or shape.dtype != np.int64 or (shape < 0).any():
+            return None
+        value = np.zeros(1, dtype=np.float32)  # the operator's default
+        for attr in node.attribute:
+            if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+                value = numpy_helper.to_array(attr.t).reshape(-1)
+        if value.size != 1 or value.dtype.kind in "OSU":
+            return None
+        dims = tuple(int(d) for d in shape)
+        count = math.prod(dims)
+        if count * value.dtype.itemsize > _MAX_FOLDED_BYTES:
+            return None
+        element = numpy_helper.from_array(value.reshape(()))
+        if element.data_type in _PACKED_TYPES or not element.HasField("raw_data"):
+            return numpy_helper.from_array(np.full(dims, value[0], dtype=value.dtype))
+        # Repeating the element's bytes is one allocation, where np.full + from_array make three.
+        return element.data_type, dims, element.raw_data * count
+    except (ValueError, TypeError, KeyError, OverflowError):
+        return None
+
+
+def _model_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every initializer and tensor attribute of the main graph and its subgraphs (as onnx's external data does)."""
+    yield from _graph_tensors(model.graph)
+
+
+def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == AttributeProto.GRAPH:
+                yield from _graph_tensors(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graph_tensors(sub)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _serialise(model: ModelProto) -> bytes | None:
+    """``model.SerializeToString()``, or None when the model is too large for one protobuf (2 GiB)."""
+    try:
+        return model.SerializeToString()
+    except (EncodeError, ValueError):  # upb raises EncodeError, older backends ValueError
+        return None
+
+
+def _file_mode(target: Path) -> int:
+    """Permissions for the new file: the old target's, else what ``open()`` would give (0666 & ~umask).
+
+    mkstemp creates files 0600, which would make every output private to its writer.
+    """
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextmanager
+def _output_errors(target: Path) -> Iterator[None]:
+    """Turn an OS error while writing (disk full, read-only file system) into an OutputError."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
+
+
+def _save_inline(serialised: bytes, target: Path, check: Callable[[Path], None] | None, mode: int) -> None:
+    with _output_errors(target):
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with _output_errors(target):
+            with os.fdopen(fd, "wb") as f:
+                f.write(serialised)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+        if check is not None:
+            check(tmp)
+        with _output_errors(target):
+            os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_external(
+    model: ModelProto,
+    target: Path,
+    check: Callable[[Path], None] | None,
+    size_threshold: int,
+    mode: int,
+) -> None:
+    """Save with tensors in ``<name>.data``, staged in a temporary directory next to the target."""
+    location = target.name + ".data"
+    with _output_errors(target):
+        tmp_dir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp_model, tmp_data = tmp_dir / target.name, tmp_dir / location
+    try:
+        with _output_errors(target):
+            _write_external(model, tmp_model, tmp_data, location, size_threshold)
+            for written in (tmp_model, tmp_data):
+                os.chmod(written, mode)
+        if check is not None:
+            check(tmp_model)
+        with _output_errors(target):
+            # Data first, model last: the model file appearing is what marks the output complete.
+            os.replace(tmp_data, target.parent / location)
+            os.replace(tmp_model, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _write_external(model: ModelProto, model_path: Path, data_path: Path, location: str, size_threshold: int) -> None:
+    """Write ``model`` to ``model_path`` with its large tensors in ``data_path``, leaving ``model`` unchanged.
+
+    ``onnx.save_model(save_as_external_data=True)`` would strip the data out of the caller's model,
+    skips tensors stored in typed fields (``float_data``: PaddlePaddle exports) and refuses a location
+    that exists relative to the current directory. Here each large tensor is streamed to the data file
+    and cleared, the model is serialised, and the tensors are put back: ``raw_data`` ones are read back
+    from the file, so memory stays near one model plus one tensor even for models over 2 GiB.
+    """
+    # Per moved tensor: (tensor, offset, length, had data_location) to read back, or (tensor, copy).
+    restore: list[tuple[TensorProto, int, int, bool] | tuple[TensorProto, TensorProto]] = []
+    try:
+        with open(data_path, "wb") as data_file:
+            for tensor in _model_tensors(model):
+                if uses_external_data(tensor) or tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+                    continue
+                typed = not tensor.HasField("raw_data")
+                # External data is always raw little-endian bytes, whatever field held the values.
+                raw = numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data if typed else tensor.raw_data
+                if len(raw) < size_threshold:
+                    continue
+                if typed:
+                    original = TensorProto()
+                    original.CopyFrom(tensor)
+                    restore.append((tensor, original))
+                else:
+                    restore.append((tensor, data_file.tell(), len(raw), tensor.HasField("data_location")))
+                offset = data_file.tell()
+                data_file.write(raw)
+                for name in _TYPED_DATA_FIELDS:
+                    tensor.ClearField(name)
+                tensor.ClearField("raw_data")
+                _point_to_file(tensor, location, offset, len(raw))
+                del raw
+            data_file.flush()
+            os.fsync(data_file.fileno())
+        with open(model_path, "wb") as model_file:
+            model_file.write(model.SerializeToString())
+            model_file.flush()
+            os.fsync(model_file.fileno())
+    finally:
+        _put_back(restore, data_path)
+
+
+def _put_back(restore: list, data_path: Path) -> None:
+    """Undo :func:`_write_external` on the caller's model: the values return to the fields they came from."""
+    if not restore:
+        return
+    with open(data_path, "rb") as data_file:
+        for entry in restore:
+            if len(entry) == 2:
+                tensor, original = entry
+                tensor.CopyFrom(original)
+                continue
+            tensor, offset, length, had_location = entry
+            if not uses_external_data(tensor):  # the write of this tensor failed before it was moved
+                continue
+            data_file.seek(offset)
+            tensor.raw_data = data_file.read(length)
+            del tensor.external_data[:]
+            if had_location:
+                tensor.data_location = TensorProto.DEFAULT
+            else:
+                tensor.ClearField("data_location")
+
+
+def _point_to_file(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    """Mark ``tensor`` as stored at ``offset`` in ``location`` (the ONNX external data fields)."""
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
