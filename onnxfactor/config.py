@@ -23,7 +23,7 @@ class RankConfig:
         What to do when VBMF says a mode is pure noise (rank 0): ``keep`` leaves that mode
         undecomposed (and the layer unchanged if no mode is left), ``min`` uses ``min_rank``.
     round_to:
-        Round each rank up to a multiple of this (capped at the full rank); 1 disables rounding.
+        Round each rank up to a multiple of this (capped at the mode size); 1 disables rounding.
     """
 
     policy: str = "vbmf"

@@ -82,20 +82,14 @@ def load_model(source: str | os.PathLike | ModelProto) -> LoadedModel:
         model.CopyFrom(source)
         path, external, label = None, False, "input model"
         _check_is_model(model, label)
-        serialised = _serialise(model)
-        if serialised is None:
-            log.warning("input model is larger than 2 GiB and has no file: onnx.checker skipped")
-        else:
-            _check_input(serialised, label)
+        _check_input(model, label)
     else:
         path = Path(source)
         model, external, serialised = _read_model_file(path)
         label = f"input model {path}"
-        _check_is_model(model, label)
-        # The checker reads bytes far faster than a ModelProto (which it would serialise first); with
-        # external data it needs the path, to look for the data files next to the model.
-        _check_input(str(path) if external else serialised, label)
         del serialised
+        _check_is_model(model, label)
+        _check_input(model, label)
 
     ir_version = model.ir_version
     folded: list[str] = []
@@ -226,12 +220,76 @@ def _check_is_model(model: ModelProto, label: str) -> None:
         raise InputModelError(f"{label} has an empty graph (no nodes); {_NOT_ONNX_HINT}")
 
 
-def _check_input(model: bytes | str, label: str) -> None:
-    """Run the basic ONNX checker on a serialised model or a model path."""
+#: Main-graph initializers above this many bytes are checked here and stand in the checker's copy
+#: as 1-element placeholders (see _check_input).
+_CHECK_INLINE_BYTES = 1 << 16
+
+
+def _check_input(model: ModelProto, label: str) -> None:
+    """Run the basic ONNX checker on the model's structure, and check its weights' sizes here.
+
+    The checker works on a C++ copy of the model: given the real model it would hold a third copy
+    of every weight (file bytes, Python model, C++ model) and set the peak memory of the whole run.
+    The basic check does not relate initializer shapes to nodes, so each large main-graph
+    initializer is replaced in the checker's copy by a 1-element tensor of the same name and type,
+    after its data size has been checked against its declared shape here (the checker's rule).
+    """
+    skeleton = ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() <= _CHECK_INLINE_BYTES or tensor.data_type not in _SIZE_CHECKED_TYPES:
+            skeleton.graph.initializer.append(tensor)
+            continue
+        if tensor.data_location != TensorProto.EXTERNAL:
+            _check_tensor_size(tensor, label)
+        placeholder = skeleton.graph.initializer.add()
+        placeholder.name = tensor.name
+        placeholder.data_type = tensor.data_type
+        placeholder.dims.append(1)
+        placeholder.raw_data = bytes(_SIZE_CHECKED_TYPES[tensor.data_type])
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(skeleton)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise InputModelError(f"{label} fails onnx.checker: {_first_line(e)}") from None
+
+
+#: element sizes of the types whose data size _check_tensor_size verifies
+_SIZE_CHECKED_TYPES = {
+    TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8,
+    TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,
+    TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8, TensorProto.UINT64: 8, TensorProto.BOOL: 1,
+}
+
+
+def _copy_fields(src, dst, *, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except the field ``skip``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        # protobuf >= 6 has ``is_repeated``; older versions only ``label``
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _check_tensor_size(tensor: TensorProto, label: str) -> None:
+    """The checker's data-size rule for one large tensor: its data must fill its declared shape."""
+    count = math.prod(tensor.dims)
+    if tensor.HasField("raw_data"):
+        have, expected = len(tensor.raw_data), count * _SIZE_CHECKED_TYPES[tensor.data_type]
+    else:
+        fields = (tensor.float_data, tensor.int32_data, tensor.int64_data, tensor.double_data, tensor.uint64_data)
+        have, expected = max(len(f) for f in fields), count
+    if have != expected:
+        raise InputModelError(
+            f"{label} fails onnx.checker: initializer {tensor.name!r} holds {have} values/bytes but its shape "
+            f"{list(tensor.dims)} needs {expected}; was the file copied completely?"
+        )
 
 
 def _normalise_graph(

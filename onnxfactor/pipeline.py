@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnxfactor import io as model_io
 from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, iter_graphs, name_unnamed_nodes
 from onnxfactor.config import CompressConfig
-from onnxfactor.errors import NothingToCompress, OutputError, ValidationFailed
+from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed
 from onnxfactor.methods import METHODS
 from onnxfactor.ranks.policies import RankChoice, choose_ranks, load_rank_file
 from onnxfactor.report import CompressReport, LayerReport, Totals
@@ -100,20 +101,32 @@ def _kept_reason(choice: RankChoice) -> str:
 class _LayerDecomposer:
     """Ranks and decomposes sites, caching spectra per weight (a shared weight is analysed once)."""
 
-    def __init__(self, config: CompressConfig, explicit: dict | None, method: str = "tucker2"):
+    def __init__(self, config: CompressConfig, explicit: dict | None, sites: list[ConvSite], method: str = "tucker2"):
         self.config = config
         self.explicit = explicit
         self.method = METHODS[method]
         self._spectra: dict[tuple, object] = {}
+        # Spectra hold C x C eigenvector matrices (about the model's size in total): keep one only
+        # until the last Conv sharing its weight has been processed.
+        self._users = Counter(self._key(site) for site in sites)
 
     def in_mode(self, site: ConvSite) -> bool:
         return site.in_per_group > self.config.in_mode_min_channels
 
+    def _key(self, site: ConvSite) -> tuple:
+        return (site.graph_path, site.weight.name, site.geometry.group, self.in_mode(site))
+
     def spectra(self, site: ConvSite, weight: np.ndarray):
-        key = (site.graph_path, site.weight.name, site.geometry.group, self.in_mode(site))
-        if key not in self._spectra:
-            self._spectra[key] = self.method.weight_spectra(weight, site.geometry, in_mode=self.in_mode(site))
-        return self._spectra[key]
+        key = self._key(site)
+        spectra = self._spectra.get(key)
+        if spectra is None:
+            spectra = self.method.weight_spectra(weight, site.geometry, in_mode=self.in_mode(site))
+        self._users[key] -= 1
+        if self._users[key] > 0:
+            self._spectra[key] = spectra
+        else:
+            self._spectra.pop(key, None)
+        return spectra
 
     def choose(self, site: ConvSite) -> tuple[RankChoice, np.ndarray, object]:
         weight = np.asarray(site.weight_array(), dtype=np.float32)
@@ -227,7 +240,7 @@ def compress(
     timings["load_and_analyse"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    decomposer = _LayerDecomposer(config, explicit)
+    decomposer = _LayerDecomposer(config, explicit, prep.sites)
     rewriter = Rewriter(prep.graph)
     layers = []
     for index, site in enumerate(prep.sites):
@@ -271,7 +284,7 @@ def analyze(
     config = config or CompressConfig()
     prep = _prepare(model, input_shapes)
     explicit = _load_explicit(config, prep.sites)
-    decomposer = _LayerDecomposer(config, explicit)
+    decomposer = _LayerDecomposer(config, explicit, prep.sites)
     layers = [decomposer.run(site, None) for site in prep.sites]
     for layer in layers:
         if layer.reason is None and layer.params_after is not None:
@@ -294,7 +307,8 @@ def check_written_model(path: Path, original: Path | onnx.ModelProto | None = No
 
     If the full check fails on a model whose original already fails it (some exporters write
     models that strict shape inference rejects), the basic check is required instead and a
-    warning is returned. Raises :class:`OutputError` when a check fails.
+    warning is returned. Raises :class:`OutputError` when a check fails, except when ONNX Runtime
+    cannot load the original either: then the input is at fault and :class:`InputModelError` is raised.
     """
     warnings = []
     try:
@@ -318,7 +332,14 @@ def check_written_model(path: Path, original: Path | onnx.ModelProto | None = No
     try:
         make_session(path, ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own types
-        raise OutputError(f"ONNX Runtime cannot load the rewritten model: {str(e).splitlines()[0]}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if original is not None:
+            try:
+                make_session(original, ["CPUExecutionProvider"])
+            except Exception as e0:  # noqa: BLE001 - e.g. a weight whose type does not match its Conv input
+                reason0 = (str(e0).strip().splitlines() or [type(e0).__name__])[0]
+                raise InputModelError(f"ONNX Runtime cannot load the input model: {reason0}; fix the input model first") from None
+        raise OutputError(f"ONNX Runtime cannot load the rewritten model: {reason}") from None
     return warnings
 
 
@@ -440,6 +461,7 @@ def compress_file(
     report_path = Path(report_path) if report_path is not None else None
     _preflight_output(input_path, output_path, report_path)
     result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress)
+    _release_freed_memory()  # the original model is gone; checks and validation load models again
     report = result.report
     if not report.decomposed:
         report.warnings.append("no layer was decomposed: the output computes the same as the input")
@@ -482,3 +504,21 @@ def _file_bytes(path: Path, external_data: bool) -> int:
             if entry.key == "location":
                 locations.add(entry.value)
     return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).exists())
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    After :func:`compress` the original model (the largest object of the run) has been freed,
+    but glibc keeps its pages, so the checks and ONNX Runtime sessions that follow would raise the
+    peak RSS by their own size on top of it (measured on ResNet-50: see tools/bench_compress.py).
+    """
+    import gc
+
+    gc.collect()  # the graphsurgeon graph is full of reference cycles and pins the original protobuf
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -26,13 +26,24 @@ app.command("analyze")(commands.analyze)
 app.command("validate")(commands.validate)
 
 
+def _click_exception_type() -> type[Exception]:
+    """The ``ClickException`` class typer raises usage errors with.
+
+    Older typer raises ``click``'s; recent typer (0.29 here) vendors click as ``typer._click`` and
+    ``click`` itself may not be installed. Either way it is a base class of ``typer.BadParameter``.
+    """
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning errors into one line and an exit code."""
     from onnxfactor.errors import OnnxFactorError
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    click_exception = _click_exception_type()
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode typer returns the code of a ctx.exit() (--help: 0, Ctrl-C: 130).
+        code = app(standalone_mode=False)
     except OnnxFactorError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(e.exit_code)
@@ -41,12 +52,11 @@ def main() -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(e, click.ClickException):
+    except click_exception as e:  # usage errors (bad option value, missing argument): exit code 2
+        if e.format_message().strip():  # empty for no arguments: typer has printed the help already
             e.show()
-            sys.exit(e.exit_code)
+        sys.exit(e.exit_code)
+    except Exception as e:
         if os.environ.get("ONNXFACTOR_DEBUG"):
             traceback.print_exc()
         else:
@@ -55,6 +65,7 @@ def main() -> None:
                 "rerun with ONNXFACTOR_DEBUG=1 for the traceback and please report it)"
             )
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,10 @@ def analyze(
 ) -> None:
     """Per layer: shapes, VBMF ranks and sigma^2, chosen ranks, predicted compression. Writes no model."""
     from onnxfactor.pipeline import analyze as run_analyze
+    from onnxfactor.pipeline import check_output_path
 
+    if report is not None:
+        check_output_path(report, "report", protected={"input model": input_model})
     config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None)
     result = run_analyze(input_model, config=config, input_shapes=_shapes(input_shape))
     if report is not None:

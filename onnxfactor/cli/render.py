@@ -38,9 +38,14 @@ class Renderer:
 
     @contextlib.contextmanager
     def progress(self, label: str):
-        """A progress bar over layers; yields the ``progress(done, total, name)`` callback."""
+        """A progress bar over layers on stderr; yields the ``progress(done, total, name)`` callback.
+
+        Shown only on a terminal: elsewhere (logs, pipes) a transient bar would leave a blank line
+        in front of the one-line error message.
+        """
         columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[layer]}"), TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True, disable=self.quiet) as bar:
+        console = Console(stderr=True)
+        with Progress(*columns, console=console, transient=True, disable=self.quiet or not console.is_terminal) as bar:
             task = bar.add_task(label, total=None, layer="")
 
             def update(done: int, total: int, name: str) -> None:

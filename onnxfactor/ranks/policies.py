@@ -81,13 +81,19 @@ def _energy_rank(spectra: tuple[ModeSpectrum, ...], energy: float) -> int:
     return max(ranks)
 
 
+def _ceil(x: float) -> int:
+    """``ceil`` of a product that is meant to be exact: ``0.7 * 90`` is ``62.99999999999999`` in
+    floats, and ``ceil(96 - 62.99999999999999)`` would give 34 instead of 33."""
+    return math.ceil(round(x, 9))
+
+
 def _policy_rank(config: RankConfig, spectra, full_rank: int, vbmf_rank: int) -> int:
     if config.policy == "vbmf":
         return vbmf_rank
     if config.policy == "weakened":
-        return math.ceil(full_rank - config.weaken * (full_rank - vbmf_rank))
+        return _ceil(full_rank - config.weaken * (full_rank - vbmf_rank))
     if config.policy == "ratio":
-        return math.ceil(config.ratio * full_rank)
+        return _ceil(config.ratio * full_rank)
     if config.policy == "energy":
         return _energy_rank(spectra, config.energy)
     raise UsageError(f"unknown rank policy {config.policy!r}; choose one of vbmf, weakened, ratio, energy, file")
