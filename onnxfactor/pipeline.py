@@ -460,6 +460,14 @@ def compress_file(
     input_path, output_path = Path(input_path), Path(output_path)
     report_path = Path(report_path) if report_path is not None else None
     _preflight_output(input_path, output_path, report_path)
+    if validation is not None:  # fail on a bad provider or data file before the long part
+        from onnxfactor.validation import resolve_providers
+
+        resolve_providers(validation.provider)
+        if validation.data is not None and not Path(validation.data).is_file():
+            from onnxfactor.errors import UsageError
+
+            raise UsageError(f"validation data file not found: {validation.data} (--data)")
     result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress)
     _release_freed_memory()  # the original model is gone; checks and validation load models again
     report = result.report

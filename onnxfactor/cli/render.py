@@ -34,6 +34,8 @@ class Renderer:
 
     def __init__(self, quiet: bool = False):
         self.console = Console(highlight=False, soft_wrap=False)
+        if not self.console.is_terminal:  # logs and pipes: do not fold tables to 80 columns
+            self.console.width = max(self.console.width, 160)
         self.quiet = quiet
 
     @contextlib.contextmanager
