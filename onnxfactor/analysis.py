@@ -156,6 +156,31 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     return shapes
 
 
+def record_shapes(model: onnx.ModelProto, ir_version: int, input_shapes: dict, names: list[str]) -> dict[str, tuple]:
+    """Shapes of main-graph tensors ``names`` from one ONNX Runtime run on random inputs.
+
+    The fallback when shape inference loses track (e.g. Reshape with computed shapes in the
+    PP-OCRv4 recogniser's transformer). Returns ``{}`` if the model does not run.
+    """
+    from onnxfactor.io import restore_conventions
+    from onnxfactor.validation import make_inputs, make_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    restore_conventions(probe, ir_version)
+    known = {o.name for o in probe.graph.output}
+    wanted = [n for n in dict.fromkeys(names) if n not in known]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
+    try:
+        session = make_session(probe, ["CPUExecutionProvider"])
+        del probe
+        feeds = make_inputs(model, shapes=input_shapes).batches[0]
+        values = session.run(wanted, feeds)
+    except Exception:  # noqa: BLE001 - a probe that fails only costs MAC figures
+        return {}
+    return {n: tuple(int(d) for d in v.shape) for n, v in zip(wanted, values)}
+
+
 def _collect_shapes(graph: onnx.GraphProto, shapes: dict) -> None:
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):

@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxfactor import io as model_io
-from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, iter_graphs, name_unnamed_nodes
+from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
 from onnxfactor.config import CompressConfig
 from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed
 from onnxfactor.methods import METHODS
@@ -60,6 +60,13 @@ def _prepare(source, input_shapes: dict | None) -> _Prepared:
     graph = gs.import_onnx(loaded.model)
     name_unnamed_nodes(graph)
     sites, skipped = find_conv_sites(graph, shapes)
+    unknown = [s for s in sites if s.graph_path == "" and (s.in_spatial is None or s.out_spatial is None)]
+    if unknown:
+        names = [t for s in unknown for t in (s.node.inputs[0].name, s.node.outputs[0].name)]
+        recorded = record_shapes(loaded.model, loaded.ir_version, resolved, names)
+        for site in unknown:
+            site.input_shape = recorded.get(site.node.inputs[0].name, site.input_shape)
+            site.output_shape = recorded.get(site.node.outputs[0].name, site.output_shape)
     if not sites and not skipped:
         raise NothingToCompress("the model has no Conv node: nothing to compress")
     return _Prepared(loaded, graph, sites, skipped, resolved)
@@ -297,8 +304,10 @@ def analyze(
         folded=list(prep.loaded.folded),
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
     )
-    report.totals = _totals([dataclasses.replace(l, status="decomposed" if l.status == "would decompose" else l.status) for l in layers],
-                            prep.loaded.model, prep.loaded.model)
+    predicted = [dataclasses.replace(l, status="decomposed" if l.status == "would decompose" else l.status) for l in layers]
+    totals = _totals(predicted, prep.loaded.model, prep.loaded.model)
+    totals.model_params_after = totals.model_params_before - totals.conv_params_before + totals.conv_params_after
+    report.totals = totals
     return report
 
 
