@@ -75,6 +75,8 @@ def test_real_model_compresses_and_runs(name, tmp_path):
     model, report = compress(path, input_shapes=shapes)
 
     assert path.read_bytes() == original_bytes  # the input is never modified
+    if name != "silero_vad_if":  # MACs known for every main-graph Conv (ppocr_rec needs the recorded run)
+        assert report.totals.macs_known and all(l.macs_before > 0 for l in report.layers)
     assert len(report.decomposed) >= 4, [(l.name, l.reason) for l in report.layers]
     _assert_report_matches_graph(io.load_model(path).model, model, report)
     out = tmp_path / "out.onnx"
