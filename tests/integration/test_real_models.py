@@ -23,12 +23,12 @@ REAL = {
     "ppocr_det": (lambda: model_zoo.ppocr("det"), {"x": (1, 3, 320, 320)}, lambda r: {"x": r.standard_normal((1, 3, 320, 320), dtype=np.float32)}),
     "ppocr_rec": (lambda: model_zoo.ppocr("rec"), {"x": (1, 3, 48, 320)}, lambda r: {"x": r.standard_normal((1, 3, 48, 320), dtype=np.float32)}),
     "ppocr_cls": (lambda: model_zoo.ppocr("cls"), {"x": (1, 3, 48, 192)}, lambda r: {"x": r.standard_normal((1, 3, 48, 192), dtype=np.float32)}),
-    "silero_vad_if": (lambda: model_zoo.silero_vad("silero_vad.onnx"), {"input": (1, 512)}, lambda r: {
+    "silero_vad_if": (lambda: model_zoo.silero_vad("silero_vad.onnx"), {"input": (1, 512), "state": (2, 1, 128)}, lambda r: {
         "input": 0.1 * r.standard_normal((1, 512), dtype=np.float32),
         "state": np.zeros((2, 1, 128), np.float32),
         "sr": np.array(16000, np.int64),
     }),
-    "silero_vad_op15": (lambda: model_zoo.silero_vad("silero_vad_16k_op15.onnx"), {"input": (1, 512)}, lambda r: {
+    "silero_vad_op15": (lambda: model_zoo.silero_vad("silero_vad_16k_op15.onnx"), {"input": (1, 512), "state": (2, 1, 128)}, lambda r: {
         "input": 0.1 * r.standard_normal((1, 512), dtype=np.float32),
         "state": np.zeros((2, 1, 128), np.float32),
         "sr": np.array(16000, np.int64),
