@@ -15,8 +15,10 @@ in the initializer list of the graph that held the node. Nothing else changes: n
 metadata, opset imports, IR version and functions are kept; initializers left unused are the
 rewrite stage's to clean up.
 
-Saving writes to a temporary file next to the target, runs the caller's check on it, then renames it
-over the target (``os.replace``), so a failed run never leaves a partial or unchecked model behind.
+Saving writes to a temporary file next to the target (:func:`write_temporary`), where the caller checks
+it, then renames it over the target (``os.replace``), so a failed run never leaves a partial or
+unchecked model behind. The file is written one tensor at a time (:func:`_serialise`), never as one
+serialised copy of the whole model.
 """
 
 from __future__ import annotations
@@ -37,12 +39,19 @@ from google.protobuf.message import EncodeError
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from onnxfactor.errors import InputModelError, OutputError
+try:
+    from google.protobuf.unknown_fields import UnknownFieldSet
+except ImportError:  # protobuf < 4.22
+    UnknownFieldSet = None
+
+from onnxfactor.errors import InputModelError, InternalError, OutputError
 
 log = logging.getLogger(__name__)
 
 # A ConstantOfShape whose output would not fit in one protobuf message (2 GiB) is left for the runtime.
 _MAX_FOLDED_BYTES = 2**31 - 1
+# Protobuf messages (and so ONNX files without external data) cannot exceed 2 GiB.
+_MAX_PROTO_BYTES = 2**31 - 1
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # Where a TensorProto keeps its values when not in raw_data (string_data is never made external).
 _TYPED_DATA_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
@@ -137,6 +146,32 @@ def save_model_atomic(
 
     ``check(tmp_path)`` runs on the written temporary model before the rename; if it raises, the
     temporary files are deleted and the exception propagates, leaving an existing target untouched.
+    See :func:`write_temporary` (which this wraps) for external data and errors. Returns the final path.
+    """
+    with write_temporary(model, path, external_data=external_data, size_threshold=size_threshold) as written:
+        if check is not None:
+            check(written.path)
+        return written.commit()
+
+
+def write_temporary(
+    model: ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool = False,
+    size_threshold: int = 1024,
+) -> TemporaryModel:
+    """Write ``model`` next to ``path`` under a temporary name; :meth:`TemporaryModel.commit` moves it into place.
+
+    Use it as a context manager: whatever was not committed is deleted on exit, so a failed check
+    leaves an existing target untouched and no file behind. Between writing and committing the
+    caller may drop ``model`` (the written file does not need it), so that checks reading the file
+    do not add their memory to the model's::
+
+        with write_temporary(model, "out.onnx") as written:
+            del model
+            check(written.path)
+            written.commit()
 
     With ``external_data=True``, or when the model is too large for one protobuf (2 GiB), tensors of at
     least ``size_threshold`` bytes go to ``<file name>.data`` next to the model (all in one file); the
@@ -145,7 +180,7 @@ def save_model_atomic(
     read a Reshape's shape from external data.
 
     Raises :class:`OutputError` when the target is a directory, its directory is missing or not
-    writable, or writing fails. Returns the final path.
+    writable, or writing fails.
     """
     target = Path(path)
     parent = target.parent
@@ -159,14 +194,52 @@ def save_model_atomic(
         raise OutputError(f"cannot write to {parent}: permission denied")
 
     mode = _file_mode(target)
-    serialised = None if external_data else _serialise(model)
-    if serialised is not None:
-        _save_inline(serialised, target, check, mode)
-        return target
+    plan = None if external_data else _serialise(model)
+    if plan is not None:
+        return _write_inline(plan, target, mode)
     if not external_data:
         log.info("model is larger than 2 GiB: saving %s with external data", target)
-    _save_external(model, target, check, size_threshold, mode)
-    return target
+    return _write_external_temporary(model, target, size_threshold, mode)
+
+
+class TemporaryModel:
+    """A model file written next to its target under a temporary name, not yet in place.
+
+    ``path`` is the model file to check; ``data_path`` its external data file (None when inline).
+    :meth:`commit` renames them (the data file first) over the target; :meth:`discard` (or leaving
+    the ``with`` block) deletes whatever was not committed.
+    """
+
+    def __init__(self, path: Path, target: Path, *, data_path: Path | None = None, staging_dir: Path | None = None):
+        self.path = path
+        self.target = target
+        self.data_path = data_path
+        self._staging_dir = staging_dir
+        self._committed = False
+
+    def commit(self) -> Path:
+        """Move the written file(s) over the target; returns the target."""
+        with _output_errors(self.target):
+            if self.data_path is not None:
+                # Data first, model last: the model file appearing is what marks the output complete.
+                os.replace(self.data_path, self.target.parent / self.data_path.name)
+            os.replace(self.path, self.target)
+        self._committed = True
+        self.discard()
+        return self.target
+
+    def discard(self) -> None:
+        """Delete the temporary file(s) that were not committed; safe to call more than once."""
+        if self._staging_dir is not None:
+            shutil.rmtree(self._staging_dir, ignore_errors=True)
+        elif not self._committed:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> TemporaryModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,11 +311,10 @@ def _check_input(model: ModelProto, label: str) -> None:
     _copy_fields(model, skeleton, skip="graph")
     _copy_fields(model.graph, skeleton.graph, skip="initializer")
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() <= _CHECK_INLINE_BYTES or tensor.data_type not in _SIZE_CHECKED_TYPES:
+        if tensor.data_type not in _SIZE_CHECKED_TYPES or not _holds_large_data(tensor):
             skeleton.graph.initializer.append(tensor)
             continue
-        if tensor.data_location != TensorProto.EXTERNAL:
-            _check_tensor_size(tensor, label)
+        _check_tensor_size(tensor, label)
         placeholder = skeleton.graph.initializer.add()
         placeholder.name = tensor.name
         placeholder.data_type = tensor.data_type
@@ -262,19 +334,44 @@ _SIZE_CHECKED_TYPES = {
 }
 
 
-def _copy_fields(src, dst, *, skip: str) -> None:
-    """Copy every set field of protobuf message ``src`` into ``dst`` except the field ``skip``."""
-    for field, value in src.ListFields():
-        if field.name == skip:
+def _copy_fields(src, dst, *, skip: str = "", numbers: Callable[[int], bool] = lambda number: True) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except the field ``skip``.
+
+    ``numbers`` restricts the copy to the fields whose field number it accepts. Fields are
+    visited through the descriptor, not ``ListFields()``, which would read (copy) ``skip`` too:
+    a tensor's ``raw_data`` is then copied whole just to be left out.
+    """
+    for field in src.DESCRIPTOR.fields:
+        if field.name == skip or not numbers(field.number):
             continue
         # protobuf >= 6 has ``is_repeated``; older versions only ``label``
         repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
         if repeated:
-            getattr(dst, field.name).extend(value)
+            values = getattr(src, field.name)
+            if values:
+                getattr(dst, field.name).extend(values)
+        elif not src.HasField(field.name):
+            continue
         elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(value)
+            getattr(dst, field.name).CopyFrom(getattr(src, field.name))
         else:
-            setattr(dst, field.name, value)
+            setattr(dst, field.name, getattr(src, field.name))
+
+
+def _holds_large_data(tensor: TensorProto) -> bool:
+    """Whether a tensor of a size-checked type declares or holds more than ``_CHECK_INLINE_BYTES`` here.
+
+    Not ``ByteSize()``: upb computes it by serialising the tensor (twice the tensor's size, and
+    as slow). The stored data is measured only for tensors that declare a small shape, where it is
+    small unless the file is damaged. Tensors in external data are small here.
+    """
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return False
+    if math.prod(tensor.dims) * _SIZE_CHECKED_TYPES[tensor.data_type] > _CHECK_INLINE_BYTES:
+        return True
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data) > _CHECK_INLINE_BYTES
+    return max(len(getattr(tensor, name)) for name in _TYPED_DATA_FIELDS) * 8 > _CHECK_INLINE_BYTES  # <= 8 bytes a value
 
 
 def _check_tensor_size(tensor: TensorProto, label: str) -> None:
@@ -455,12 +552,144 @@ def _first_line(error: BaseException) -> str:
 # Saving
 
 
-def _serialise(model: ModelProto) -> bytes | None:
+#: Field numbers of the messages _serialise cuts apart (onnx.proto).
+_GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+@dataclass
+class _TensorBytes:
+    """Bytes of one tensor in a serialisation plan, taken from the tensor only when written.
+
+    Its ``raw_data``, or with ``whole`` the serialised tensor (values in typed fields, unknown fields).
+    """
+
+    tensor: TensorProto
+    length: int
+    whole: bool = False
+
+    def read(self) -> bytes:
+        data = self.tensor.SerializeToString() if self.whole else self.tensor.raw_data
+        if len(data) != self.length:
+            if self.whole:
+                raise InternalError(f"tensor {self.tensor.name!r} changed while the model was being written")
+            raise OutputError(
+                f"cannot write tensor {self.tensor.name!r}: it holds {len(data)} bytes but its shape "
+                f"{list(self.tensor.dims)} needs {self.length}"
+            )
+        return data
+
+
+@dataclass
+class _Serialisation:
+    """The bytes of ``model.SerializeToString()`` as pieces: serialised parts and tensors' bytes.
+
+    ``size`` is the total length; :meth:`write_to` writes the pieces in order.
+    """
+
+    pieces: list[bytes | _TensorBytes]
+    size: int
+
+    def write_to(self, file) -> None:
+        for piece in self.pieces:
+            # One tensor's bytes are alive at a time.
+            file.write(piece.read() if isinstance(piece, _TensorBytes) else piece)
+
+
+def _serialise(model: ModelProto) -> _Serialisation | None:
+    """Plan writing ``model`` as its exact ``SerializeToString()`` bytes, holding one tensor's bytes at a time.
+
+    upb serialises a message into a buffer of its own and copies that into a bytes object: twice
+    the model's size on top of the model (VGG-19: 1 GB more than its 575 MB). Protobuf writes the
+    fields of a message in field-number order, with each embedded message as tag, length, content.
+    So the model is cut into: its fields before ``graph``, the graph's tag and length, the graph's
+    fields before ``initializer``, each initializer (its fields before ``raw_data``, the raw bytes,
+    the rest), the graph's remaining fields and the model's. Only the tensors are large: each is read
+    (``raw_data``, or the tensor serialised when its values are in typed fields) while writing.
+    A model or graph with unknown fields (a field copy would lose them) is serialised at once.
+
+    Returns None when the model is too large for one protobuf (2 GiB).
+    """
+    graph = model.graph
+    if _has_unknown_fields(model) or _has_unknown_fields(graph):
+        data = _serialise_at_once(model)
+        return None if data is None else _Serialisation([data], len(data))
+    model_head, model_tail = _split_around(model, _GRAPH_FIELD)
+    graph_head, graph_tail = _split_around(graph, _INITIALIZER_FIELD)
+    entries: list[bytes | _TensorBytes] = []
+    for tensor in graph.initializer:
+        if tensor.HasField("raw_data") and not _has_unknown_fields(tensor):
+            head, tail = _split_around(tensor, _RAW_DATA_FIELD)
+            raw = _TensorBytes(tensor, _raw_data_length(tensor))
+            content = [head, _tag(_RAW_DATA_FIELD), _varint(raw.length), raw, tail]
+        else:
+            content = [_TensorBytes(tensor, len(tensor.SerializeToString()), whole=True)]
+        entries += [_tag(_INITIALIZER_FIELD), _varint(_length(content)), *content]
+    graph_pieces = [graph_head, *entries, graph_tail]
+    pieces = [model_head, _tag(_GRAPH_FIELD), _varint(_length(graph_pieces)), *graph_pieces, model_tail]
+    size = _length(pieces)
+    if size > _MAX_PROTO_BYTES:
+        return None
+    return _Serialisation([piece for piece in pieces if not isinstance(piece, bytes) or piece], size)  # no empty writes
+
+
+def _raw_data_length(tensor: TensorProto) -> int:
+    """The length of ``tensor.raw_data``: from its shape when that is large, else measured.
+
+    Measuring is a copy of the data (upb has no other way to it), as slow as writing it. A large
+    tensor whose data does not fill its shape fails when written (:meth:`_TensorBytes.read`):
+    :func:`load_model` rejects such tensors, so only a model built elsewhere can have one.
+    """
+    itemsize = _SIZE_CHECKED_TYPES.get(tensor.data_type)
+    if itemsize is not None:
+        declared = math.prod(tensor.dims) * itemsize
+        if declared > _CHECK_INLINE_BYTES:
+            return declared
+    return len(tensor.raw_data)
+
+
+def _serialise_at_once(model: ModelProto) -> bytes | None:
     """``model.SerializeToString()``, or None when the model is too large for one protobuf (2 GiB)."""
     try:
         return model.SerializeToString()
     except (EncodeError, ValueError):  # upb raises EncodeError, older backends ValueError
         return None
+
+
+def _split_around(message, number: int) -> tuple[bytes, bytes]:
+    """The serialised fields of ``message`` numbered below ``number``, and those above it."""
+    head, tail = type(message)(), type(message)()
+    _copy_fields(message, head, numbers=lambda n: n < number)
+    _copy_fields(message, tail, numbers=lambda n: n > number)
+    return head.SerializeToString(), tail.SerializeToString()
+
+
+def _has_unknown_fields(message) -> bool:
+    """Whether ``message`` holds fields this onnx version does not know (kept by protobuf, lost by a field copy)."""
+    if UnknownFieldSet is None:  # protobuf < 4.22 cannot tell: assume there are
+        return True
+    return len(UnknownFieldSet(message)) > 0
+
+
+def _tag(number: int) -> bytes:
+    """The tag of a length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length(pieces: list[bytes | _TensorBytes]) -> int:
+    return sum(piece.length if isinstance(piece, _TensorBytes) else len(piece) for piece in pieces)
 
 
 def _file_mode(target: Path) -> int:
@@ -485,51 +714,38 @@ def _output_errors(target: Path) -> Iterator[None]:
         raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
 
 
-def _save_inline(serialised: bytes, target: Path, check: Callable[[Path], None] | None, mode: int) -> None:
+def _write_inline(plan: _Serialisation, target: Path, mode: int) -> TemporaryModel:
     with _output_errors(target):
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    written = TemporaryModel(Path(tmp_name), target)
     try:
         with _output_errors(target):
             with os.fdopen(fd, "wb") as f:
-                f.write(serialised)
+                plan.write_to(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-        if check is not None:
-            check(tmp)
-        with _output_errors(target):
-            os.replace(tmp, target)
+            os.chmod(written.path, mode)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        written.discard()
         raise
+    return written
 
 
-def _save_external(
-    model: ModelProto,
-    target: Path,
-    check: Callable[[Path], None] | None,
-    size_threshold: int,
-    mode: int,
-) -> None:
+def _write_external_temporary(model: ModelProto, target: Path, size_threshold: int, mode: int) -> TemporaryModel:
     """Save with tensors in ``<name>.data``, staged in a temporary directory next to the target."""
     location = target.name + ".data"
     with _output_errors(target):
         tmp_dir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    tmp_model, tmp_data = tmp_dir / target.name, tmp_dir / location
+    written = TemporaryModel(tmp_dir / target.name, target, data_path=tmp_dir / location, staging_dir=tmp_dir)
     try:
         with _output_errors(target):
-            _write_external(model, tmp_model, tmp_data, location, size_threshold)
-            for written in (tmp_model, tmp_data):
-                os.chmod(written, mode)
-        if check is not None:
-            check(tmp_model)
-        with _output_errors(target):
-            # Data first, model last: the model file appearing is what marks the output complete.
-            os.replace(tmp_data, target.parent / location)
-            os.replace(tmp_model, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+            _write_external(model, written.path, written.data_path, location, size_threshold)
+            for path in (written.path, written.data_path):
+                os.chmod(path, mode)
+    except BaseException:
+        written.discard()
+        raise
+    return written
 
 
 def _write_external(model: ModelProto, model_path: Path, data_path: Path, location: str, size_threshold: int) -> None:

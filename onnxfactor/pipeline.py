@@ -201,8 +201,8 @@ def _model_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def _totals(layers: list[LayerReport], before: onnx.ModelProto, after: onnx.ModelProto) -> Totals:
-    t = Totals(model_params_before=_model_params(before), model_params_after=_model_params(after))
+def _totals(layers: list[LayerReport], params_before: int, params_after: int) -> Totals:
+    t = Totals(model_params_before=params_before, model_params_after=params_after)
     for layer in layers:
         decomposed = layer.status == "decomposed"
         t.conv_params_before += layer.params_before
@@ -257,8 +257,9 @@ def compress(
     timings["decompose"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    normalised = prep.loaded.model
-    out = export_model(prep.graph, normalised)
+    params_before = _model_params(prep.loaded.model)
+    # The normalised copy becomes the output: its unchanged weights are not copied again.
+    out = export_model(prep.graph, prep.loaded.model)
     out = model_io.restore_conventions(out, prep.loaded.ir_version)
     timings["export"] = time.perf_counter() - t2
 
@@ -268,7 +269,7 @@ def compress(
         layers=layers,
         skipped=[dataclasses.asdict(s) for s in prep.skipped],
         folded=list(prep.loaded.folded),
-        totals=_totals(layers, normalised, out),
+        totals=_totals(layers, params_before, _model_params(out)),
         timings=timings,
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
     )
@@ -305,7 +306,8 @@ def analyze(
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
     )
     predicted = [dataclasses.replace(l, status="decomposed" if l.status == "would decompose" else l.status) for l in layers]
-    totals = _totals(predicted, prep.loaded.model, prep.loaded.model)
+    params = _model_params(prep.loaded.model)
+    totals = _totals(predicted, params, params)
     totals.model_params_after = totals.model_params_before - totals.conv_params_before + totals.conv_params_after
     report.totals = totals
     return report
@@ -465,6 +467,7 @@ def compress_file(
     load, and (unless ``validation`` is None) the comparison against the original, which fails
     with :class:`ValidationFailed` (exit code 3) when ``validation.max_rel_error`` is exceeded; no
     model is written then. The report (if asked for) is written in every case that got that far.
+    The compressed model is dropped from memory once written, before the checks load the file.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     report_path = Path(report_path) if report_path is not None else None
@@ -478,8 +481,7 @@ def compress_file(
 
             raise UsageError(f"validation data file not found: {validation.data} (--data)")
     result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress)
-    _release_freed_memory()  # the original model is gone; checks and validation load models again
-    report = result.report
+    report, external_data = result.report, result.external_data
     if not report.decomposed:
         report.warnings.append("no layer was decomposed: the output computes the same as the input")
 
@@ -500,10 +502,18 @@ def compress_file(
             )
 
     try:
-        model_io.save_model_atomic(result.model, output_path, external_data=result.external_data, check=check)
+        t = time.perf_counter()
+        with model_io.write_temporary(result.model, output_path, external_data=external_data) as written:
+            report.timings["write"] = time.perf_counter() - t
+            # The checks and validation read the file: the model (the largest object of the run)
+            # must be gone before they load their own copies, or its memory adds to theirs.
+            del result
+            _release_freed_memory()
+            check(written.path)
+            written.commit()
         report.output_path = str(output_path)
-        report.totals.model_bytes_before = _file_bytes(input_path, result.external_data)
-        report.totals.model_bytes_after = _file_bytes(output_path, result.external_data)
+        report.totals.model_bytes_before = _file_bytes(input_path, external_data)
+        report.totals.model_bytes_after = _file_bytes(output_path, external_data)
     finally:
         if report_path is not None:
             report.write_json(report_path)
@@ -526,9 +536,9 @@ def _file_bytes(path: Path, external_data: bool) -> int:
 def _release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
-    After :func:`compress` the original model (the largest object of the run) has been freed,
-    but glibc keeps its pages, so the checks and ONNX Runtime sessions that follow would raise the
-    peak RSS by their own size on top of it (measured on ResNet-50: see tools/bench_compress.py).
+    Once the compressed model is written and dropped, the model (the largest object of the run)
+    has been freed, but glibc keeps its pages, so the checks and ONNX Runtime sessions that follow
+    would raise the peak RSS by their own size on top of it (see tools/bench_compress.py).
     """
     import gc
 

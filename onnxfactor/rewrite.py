@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxfactor.analysis import ConvSite, iter_graphs
 from onnxfactor.methods.base import ChainSpec
@@ -74,20 +76,73 @@ class Rewriter:
         return [n.name for n in new_nodes]
 
 
-def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` and copy the model-level fields of ``like`` (IR version, opsets, metadata)."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    _hoist_shared_initializers(model.graph)
-    model.ir_version = like.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(like.opset_import)
-    del model.metadata_props[:]
-    model.metadata_props.extend(like.metadata_props)
-    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(model, field, getattr(like, field))
-    del model.functions[:]
-    model.functions.extend(like.functions)
+def export_model(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """Write the rewritten ``graph`` back into ``model``, the ModelProto it was imported from; returns ``model``.
+
+    ``model`` must be ours to change (:func:`onnxfactor.io.load_model` parsed or copied it). Its
+    main graph's nodes, inputs, outputs and value_info become what onnx-graphsurgeon exports for
+    ``graph``; its initializers are edited in place: the ones ``graph`` still uses stay where they
+    are, the others (replaced Conv weights, folded leftovers) are deleted, and the new factor
+    tensors are appended. IR version, opsets, metadata and functions are those of ``model``.
+
+    ``gs.export_onnx`` is not used for the main graph because it builds a new ModelProto and copies
+    every kept initializer into it: the weights that are not decomposed (VGG-19's 490 MB of Gemm
+    weights) would then exist twice, and protobuf arenas release nothing until the whole model goes.
+    Subgraphs are exported by onnx-graphsurgeon as they are (with copies, which are small).
+    """
+    exporter = OnnxExporter  # gs's public per-object exporters, as gs.export_onnx uses them
+    # Export everything first: subgraph exports read main-graph initializers removed below.
+    nodes = [exporter.export_node(node) for node in graph.nodes]
+    inputs = [exporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+    outputs = [exporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
+    tensors = graph.tensors()
+    io_names = {t.name for t in graph.inputs + graph.outputs}
+    value_info = [
+        exporter.export_value_info_proto(t, do_type_check=False)
+        for name, t in tensors.items()
+        if name not in io_names and isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None)
+    ]
+    constants = [t for t in tensors.values() if isinstance(t, gs.Constant)]
+    # Main-graph tensors a subgraph reads from the enclosing scope stay here too; the subgraphs'
+    # exported copies of them are then dropped by _hoist_shared_initializers.
+    subgraphs = [sub for path, sub in iter_graphs(graph) if path]
+    outer_reads = [t for sub in subgraphs for t in sub.tensors().values() if isinstance(t, gs.Constant)]
+
+    onnx_graph = model.graph
+    dense = [t for t in constants if not isinstance(t._values, SparseValues)]
+    sparse = [t for t in constants if isinstance(t._values, SparseValues)]
+    new_dense = _keep_used(onnx_graph.initializer, dense, outer_reads)
+    new_sparse = _keep_used(onnx_graph.sparse_initializer, sparse, outer_reads)
+    onnx_graph.initializer.extend(exporter.export_tensor_proto(t) for t in new_dense)
+    onnx_graph.sparse_initializer.extend(exporter.export_sparse_tensor_proto(t) for t in new_sparse)
+    for field, values in (("node", nodes), ("input", inputs), ("output", outputs), ("value_info", value_info)):
+        container = getattr(onnx_graph, field)
+        del container[:]
+        container.extend(values)
+    _hoist_shared_initializers(onnx_graph)
     return model
+
+
+def _keep_used(stored, used: list[gs.Constant], outer_reads: list[gs.Constant]) -> list[gs.Constant]:
+    """Delete from ``stored`` (a repeated TensorProto field) the tensors no Constant wraps; return the Constants to add.
+
+    A Constant imported from this graph wraps its TensorProto itself (``LazyValues.tensor``; gs has
+    no public accessor), so identity tells which stored tensors are still in use. Deleting by index
+    leaves the others in place (no copy); the Constants with values of their own (new factors) are
+    returned. A kept tensor takes its Constant's name, as gs's ``export_tensor_proto`` would give it.
+    """
+    wrapping = {id(t._values.tensor): t for t in (*outer_reads, *used) if isinstance(t._values, LazyValues)}
+    kept = set()
+    for index in reversed(range(len(stored))):
+        tensor = stored[index]
+        constant = wrapping.get(id(tensor))
+        if constant is None:
+            del stored[index]
+            continue
+        kept.add(id(tensor))
+        if tensor.name != constant.name:
+            tensor.name = constant.name
+    return [t for t in used if not (isinstance(t._values, LazyValues) and id(t._values.tensor) in kept)]
 
 
 def _graphs_with_paths(graph: onnx.GraphProto, path: tuple = ()):
@@ -130,6 +185,7 @@ def _hoist_shared_initializers(root: onnx.GraphProto) -> None:
             if p != common:
                 remove.setdefault(p, set()).add(name)
     for p, names in remove.items():
-        keep = [t for t in graphs[p].initializer if t.name not in names]
-        del graphs[p].initializer[:]
-        graphs[p].initializer.extend(keep)
+        stored = graphs[p].initializer
+        for index in reversed(range(len(stored))):  # in place: the others are not copied
+            if stored[index].name in names:
+                del stored[index]

@@ -1,8 +1,14 @@
-"""Decomposition methods, registered by name (the CLI's ``--method`` choices come from here)."""
+"""Decomposition methods, registered by name (the CLI's ``--method`` choices come from here).
+
+Each entry exposes ``weight_spectra(weight, geometry, *, in_mode)``, ``choose_ranks(spectra,
+config, explicit)`` and ``decompose(weight, geometry, ranks, *, spectra, hooi_iters)`` returning
+a :class:`~onnxfactor.methods.base.ChainSpec`. CP fits may raise
+:class:`~onnxfactor.methods.cp.DegenerateFit` (fall back to Tucker-2).
+"""
 
 from __future__ import annotations
 
-from onnxfactor.methods import tucker2
+from onnxfactor.methods import cp, tucker2, tucker3
 
-#: name -> module exposing ``weight_spectra`` and ``decompose``
-METHODS = {"tucker2": tucker2}
+#: name -> object exposing ``weight_spectra``, ``choose_ranks`` and ``decompose``
+METHODS = {"tucker2": tucker2, "cp3": cp.CP3, "cp4": cp.CP4, "tucker3": tucker3}

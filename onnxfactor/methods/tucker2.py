@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxfactor.config import RankConfig
 from onnxfactor.methods.base import ChainSpec, ConvGeometry, ConvSpec
+from onnxfactor.ranks import policies
 from onnxfactor.spectral import ModeSpectrum, mode_spectrum, unfold
 
 
@@ -39,15 +41,18 @@ class WeightSpectra:
     """Per-group spectra of a weight's unfoldings, computed once for rank choice and factors.
 
     For a k x k conv, ``out`` / ``in_`` hold the mode-0 / mode-1 unfolding spectra of each group
-    (``in_`` is ``None`` when the input mode is not considered). For a pointwise conv ``matrix``
-    holds the spectrum of each group's ``C_out x C_in`` matrix, of its transpose when
-    ``transposed`` (we always eigendecompose the smaller Gram matrix).
+    (``in_`` is ``None`` when the input mode is not considered) and ``spatial`` the spectra of the
+    ``prod(kernel) x C_out C_in`` unfolding (only for the methods that decompose the spatial mode,
+    CP and spatial Tucker). For a pointwise conv ``matrix`` holds the spectrum of each group's
+    ``C_out x C_in`` matrix, of its transpose when ``transposed`` (we always eigendecompose the
+    smaller Gram matrix).
     """
 
     out: tuple[ModeSpectrum, ...] | None = None
     in_: tuple[ModeSpectrum, ...] | None = None
     matrix: tuple[ModeSpectrum, ...] | None = None
     transposed: bool = False
+    spatial: tuple[ModeSpectrum, ...] | None = None
 
 
 def group_slices(weight: np.ndarray, group: int) -> list[np.ndarray]:
@@ -56,8 +61,14 @@ def group_slices(weight: np.ndarray, group: int) -> list[np.ndarray]:
     return [weight[g * o : (g + 1) * o] for g in range(group)]
 
 
-def weight_spectra(weight: np.ndarray, geometry: ConvGeometry, *, in_mode: bool = True) -> WeightSpectra:
-    """Compute the spectra needed to choose ranks and build factors for ``weight``."""
+def weight_spectra(
+    weight: np.ndarray, geometry: ConvGeometry, *, in_mode: bool = True, spatial_mode: bool = False
+) -> WeightSpectra:
+    """Compute the spectra needed to choose ranks and build factors for ``weight``.
+
+    ``spatial_mode`` adds the spectra of the spatial unfolding (``prod(kernel) x C_out C_in``),
+    used by CP and spatial Tucker; Tucker-2 does not need it.
+    """
     groups = group_slices(np.asarray(weight, dtype=np.float32), geometry.group)
     if geometry.is_pointwise:
         o, i = groups[0].shape[:2]
@@ -69,7 +80,22 @@ def weight_spectra(weight: np.ndarray, geometry: ConvGeometry, *, in_mode: bool 
     return WeightSpectra(
         out=tuple(mode_spectrum(unfold(g, 0)) for g in groups),
         in_=tuple(mode_spectrum(unfold(g, 1)) for g in groups) if in_mode else None,
+        spatial=tuple(mode_spectrum(unfold(as_three_way(g), 2)) for g in groups) if spatial_mode else None,
     )
+
+
+def as_three_way(weight: np.ndarray) -> np.ndarray:
+    """View a conv weight ``(O, I, *k)`` as the 3-way tensor ``(O, I, prod(k))`` (row-major taps)."""
+    return weight.reshape(weight.shape[0], weight.shape[1], -1)
+
+
+def choose_ranks(spectra: WeightSpectra, config: RankConfig, explicit: dict | None = None) -> policies.RankChoice:
+    """Ranks ``{"out", "in"}`` (or ``{"rank"}`` for pointwise convs) by the configured policy.
+
+    Same as :func:`onnxfactor.ranks.policies.choose_ranks`; here so that every method module
+    exposes ``weight_spectra`` / ``choose_ranks`` / ``decompose``.
+    """
+    return policies.choose_ranks(spectra, config, explicit)
 
 
 def decompose(

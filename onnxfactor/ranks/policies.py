@@ -12,6 +12,10 @@ has ``R = min(L, M)`` non-trivial singular values:
 
 Grouped convs get one common rank: the maximum over the groups.
 
+Spatial Tucker (``tucker3``) adds the spatial mode (the ``prod(kernel) x C_out C_in`` unfolding)
+to the two channel modes, with the same rules. CP (``cp3`` / ``cp4``) has one rank for the whole
+layer: see :func:`choose_cp_rank`.
+
 Rules applied after the policy (not to explicit ranks, which are taken as given):
 
 * A VBMF rank of 0 means the unfolding is indistinguishable from noise. With ``rank0="keep"``
@@ -27,21 +31,24 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnxfactor.config import RankConfig
 from onnxfactor.errors import UsageError
-from onnxfactor.methods.tucker2 import WeightSpectra
 from onnxfactor.ranks.vbmf import evbmf_from_singular_values
 from onnxfactor.spectral import ModeSpectrum
+
+if TYPE_CHECKING:  # the methods import this module; a runtime import would be circular
+    from onnxfactor.methods.tucker2 import WeightSpectra
 
 
 @dataclass(frozen=True)
 class ModeChoice:
     """The rank decision for one mode of one layer (a row of the per-layer report)."""
 
-    mode: str                   # "out", "in" or "rank" (pointwise SVD)
+    mode: str                   # "out", "in", "spatial", or "rank" (pointwise SVD, CP)
     size: int                   # mode size n per group
     full_rank: int              # R = min(L, M) of the unfolding
     vbmf_rank: int              # EVBMF rank (max over groups)
@@ -105,19 +112,25 @@ def _mode_choice(mode: str, size: int, spectra, config: RankConfig, explicit) ->
     if explicit is not _UNSET:
         note = "explicit (rank file)" if explicit is not None else "not decomposed (rank file)"
         return ModeChoice(mode, size, full_rank, vbmf_rank, sigma2, explicit, note)
-    rank = _policy_rank(config, spectra, full_rank, vbmf_rank)
-    note = config.policy
-    if rank <= 0:
-        if config.rank0 == "keep":
-            return ModeChoice(mode, size, full_rank, vbmf_rank, sigma2, None, "rank 0 (noise): mode kept")
-        rank, note = config.min_rank, f"rank 0 (noise): min rank {config.min_rank}"
-    if config.round_to > 1:
-        rank = math.ceil(rank / config.round_to) * config.round_to
-        note += f", rounded to x{config.round_to}"
+    rank, note = _after_policy(_policy_rank(config, spectra, full_rank, vbmf_rank), config.policy, config, "mode kept")
+    if rank is None:
+        return ModeChoice(mode, size, full_rank, vbmf_rank, sigma2, None, note)
     rank = min(rank, size)
     if rank >= size:
         return ModeChoice(mode, size, full_rank, vbmf_rank, sigma2, None, note + ": full size, mode kept")
     return ModeChoice(mode, size, full_rank, vbmf_rank, sigma2, rank, note)
+
+
+def _after_policy(rank: int, note: str, config: RankConfig, kept: str) -> tuple[int | None, str]:
+    """The rank-0 and rounding rules applied to a policy's rank (``None`` = not decomposed)."""
+    if rank <= 0:
+        if config.rank0 == "keep":
+            return None, f"rank 0 (noise): {kept}"
+        rank, note = config.min_rank, f"rank 0 (noise): min rank {config.min_rank}"
+    if config.round_to > 1:
+        rank = math.ceil(rank / config.round_to) * config.round_to
+        note += f", rounded to x{config.round_to}"
+    return rank, note
 
 
 _UNSET = object()
@@ -126,8 +139,9 @@ _UNSET = object()
 def choose_ranks(spectra: WeightSpectra, config: RankConfig, explicit: dict | None = None) -> RankChoice:
     """Choose the ranks of one layer from its spectra.
 
-    ``explicit`` is this node's entry of the rank file (``{"out": .., "in": ..}`` or
-    ``{"rank": ..}``), used when ``config.policy == "file"``.
+    ``explicit`` is this node's entry of the rank file (``{"out": .., "in": ..}``, with
+    ``"spatial"`` for spatial Tucker, or ``{"rank": ..}``), used when ``config.policy == "file"``.
+    The spatial mode is chosen only when ``spectra.spatial`` was computed.
     """
     use_file = config.policy == "file"
     explicit = explicit or {}
@@ -143,16 +157,67 @@ def choose_ranks(spectra: WeightSpectra, config: RankConfig, explicit: dict | No
     if spectra.in_ is not None:
         modes.append(_mode_choice("in", spectra.in_[0].shape[0], spectra.in_, config, pick("in")))
     ranks = {"out": modes[0].rank, "in": modes[1].rank if len(modes) > 1 else None}
+    if spectra.spatial is not None:
+        modes.append(_mode_choice("spatial", spectra.spatial[0].shape[0], spectra.spatial, config, pick("spatial")))
+        ranks["spatial"] = modes[-1].rank
     return RankChoice(ranks, modes)
 
 
-def load_rank_file(path: str | Path, known_nodes: dict[str, tuple[bool, int, int]]) -> dict[str, dict]:
+def choose_cp_rank(spectra: WeightSpectra, config: RankConfig, explicit: dict | None = None) -> RankChoice:
+    """The CP rank of one layer, ``{"rank": R}``, from the spectra of its unfoldings.
+
+    VBMF rank (Astrid & Lee, "CP-decomposition with tensor power method for convolutional neural
+    networks compression", BigComp 2017): the maximum of the EVBMF ranks of the unfoldings of the
+    3-way weight ``O x I x K`` (``O x IK``, ``I x OK``, ``K x OI``), each the maximum over groups.
+    A CP of rank ``R`` has unfoldings of matrix rank ``<= R``, so the largest rank any unfolding
+    asks for is the natural lower bound. A conv with few input channels (``spectra.in_`` not
+    computed) uses the ``O x IK`` unfolding only.
+
+    weakened / ratio / energy use ``R_full = max over unfoldings of min(L, M)`` (the largest
+    matrix rank any unfolding can have: the smallest CP rank that could be exact for a generic
+    weight is at least that) in the formulas of the module docstring; energy takes the largest of
+    the unfoldings' energy ranks. Then the rank-0 and rounding rules; the rank is capped at
+    ``R_full``. There is no "full size" rule: whether a CP chain pays off is the pipeline's
+    ``min_reduction`` check. An explicit ``{"rank": R}`` is taken as given. Pointwise convs (CP
+    of a matrix = truncated SVD) get :func:`choose_ranks`'s SVD rank.
+    """
+    if spectra.matrix is not None:
+        return choose_ranks(spectra, config, explicit)
+    unfoldings = {"out": spectra.out, "in": spectra.in_, "spatial": spectra.spatial}
+    unfoldings = {k: v for k, v in unfoldings.items() if v is not None}
+    if spectra.in_ is None:
+        unfoldings = {"out": spectra.out}
+    full_rank = max(v[0].full_rank for v in unfoldings.values())
+    vbmf = {k: _vbmf(v) for k, v in unfoldings.items()}
+    vbmf_rank = max(r for r, _ in vbmf.values())
+    sigma2 = float(np.mean([s2 for _, s2 in vbmf.values()]))
+    detail = "max of VBMF ranks " + ", ".join(f"{k} {r}" for k, (r, _) in vbmf.items())
+
+    if config.policy == "file":
+        rank = (explicit or {}).get("rank")
+        note = "explicit (rank file)" if rank is not None else "not decomposed (rank file)"
+        return RankChoice({"rank": rank}, [ModeChoice("rank", full_rank, full_rank, vbmf_rank, sigma2, rank, note)])
+    if config.policy == "energy":
+        policy_rank = max(_energy_rank(v, config.energy) for v in unfoldings.values())
+    else:
+        policy_rank = _policy_rank(config, None, full_rank, vbmf_rank)
+    rank, note = _after_policy(policy_rank, f"{config.policy} ({detail})", config, "layer kept")
+    if rank is not None:
+        rank = min(rank, full_rank)
+    return RankChoice({"rank": rank}, [ModeChoice("rank", full_rank, full_rank, vbmf_rank, sigma2, rank, note)])
+
+
+def load_rank_file(
+    path: str | Path, known_nodes: dict[str, tuple[bool, int, int]], method: str = "tucker2"
+) -> dict[str, dict]:
     """Read and check an explicit rank file.
 
-    The file is a JSON object keyed by Conv node name. A k x k conv takes ``{"out": R_out, "in":
-    R_in}`` (either may be ``null`` = that mode not decomposed) or a list ``[R_out, R_in]``; a
-    pointwise conv takes ``{"rank": R}`` or an integer. ``null`` for a node leaves it unchanged.
-    Nodes not in the file are not decomposed.
+    The file is a JSON object keyed by Conv node name. With ``method="tucker2"`` a k x k conv
+    takes ``{"out": R_out, "in": R_in}`` (either may be ``null`` = that mode not decomposed) or a
+    list ``[R_out, R_in]``; with ``"tucker3"`` also ``"spatial"`` (list ``[R_out, R_in,
+    R_spatial]``); with ``"cp3"`` / ``"cp4"`` ``{"rank": R}`` or an integer (any ``R >= 1``: a CP
+    rank may exceed every mode size). A pointwise conv takes ``{"rank": R}`` or an integer for
+    every method. ``null`` for a node leaves it unchanged. Nodes not in the file are not decomposed.
 
     ``known_nodes`` maps each Conv node name to ``(is_pointwise, out_size, in_size)`` (per group).
     """
@@ -172,20 +237,36 @@ def load_rank_file(path: str | Path, known_nodes: dict[str, tuple[bool, int, int
     ranks: dict[str, dict] = {}
     for name, value in data.items():
         pointwise, out_size, in_size = known_nodes[name]
-        ranks[name] = _parse_rank_entry(p, name, value, pointwise, out_size, in_size)
+        ranks[name] = _parse_rank_entry(p, name, value, pointwise, out_size, in_size, method)
     return ranks
 
 
-def _parse_rank_entry(p: Path, name: str, value, pointwise: bool, out_size: int, in_size: int) -> dict:
-    def check(key: str, r, size: int):
+def _parse_rank_entry(p: Path, name: str, value, pointwise: bool, out_size: int, in_size: int, method: str = "tucker2") -> dict:
+    def check(key: str, r, size: int | None):
         if r is None:
             return None
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= size:
-            raise UsageError(f"rank file {p}: node {name!r} {key} rank {r!r} must be an integer in [1, {size}] or null")
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= (size or r):
+            bound = f"in [1, {size}]" if size else ">= 1"
+            raise UsageError(f"rank file {p}: node {name!r} {key} rank {r!r} must be an integer {bound} or null")
         return r
 
+    cp = method in ("cp3", "cp4")
     if value is None:
-        return {"rank": None} if pointwise else {"out": None, "in": None}
+        return {"rank": None} if pointwise or cp else {"out": None, "in": None}
+    if cp and not pointwise:
+        if isinstance(value, dict):
+            if set(value) - {"rank"}:
+                raise UsageError(f"rank file {p}: node {name!r} takes {{\"rank\": R}} for {method}, got keys {sorted(value)}")
+            value = value.get("rank")
+        return {"rank": check("CP", value, None)}
+    if method == "tucker3" and not pointwise:
+        if isinstance(value, list) and len(value) == 3:
+            value = {"out": value[0], "in": value[1], "spatial": value[2]}
+        if not isinstance(value, dict) or set(value) - {"out", "in", "spatial"}:
+            raise UsageError(f"rank file {p}: node {name!r} takes {{\"out\": R_out, \"in\": R_in, \"spatial\": R_s}} "
+                             f"or [R_out, R_in, R_s] for tucker3, got {value!r}")
+        return {"out": check("out", value.get("out"), out_size), "in": check("in", value.get("in"), in_size),
+                "spatial": check("spatial", value.get("spatial"), None)}
     if pointwise:
         if isinstance(value, dict):
             if set(value) - {"rank"}:

@@ -601,3 +601,91 @@ def test_loaded_model_is_a_plain_dataclass():
     loaded = load_model(tiny_conv_model())
     assert isinstance(loaded, LoadedModel)
     assert loaded.folded == [] and loaded.ir_version == 8 and loaded.path is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing without a second copy of the model; checking after the model is dropped
+
+
+def _with_unknown_fields(where: str) -> onnx.ModelProto:
+    """The tiny model with a field number onnx does not define, in the model, its graph or a tensor."""
+    model = tiny_conv_model()
+    message = {"model": model, "graph": model.graph, "tensor": model.graph.initializer[0]}[where]
+    unknown = bytes([0xA8, 0x1F, 0x05])  # field 501, varint 5
+    message.ParseFromString(message.SerializeToString() + unknown)
+    return model
+
+
+def _restored_squeezenet() -> onnx.ModelProto:
+    loaded = load_model(light_model("squeezenet"))
+    return restore_conventions(loaded.model, loaded.ir_version)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        tiny_conv_model,
+        lambda: load_model(cls_model()).model,  # weights in float_data
+        _restored_squeezenet,  # IR 3
+        lambda: load_model(silero_model()).model,  # If subgraphs with initializers
+        lambda: _with_unknown_fields("model"),
+        lambda: _with_unknown_fields("graph"),
+        lambda: _with_unknown_fields("tensor"),
+    ],
+    ids=["tiny", "ppocr_cls", "squeezenet_ir3", "silero_vad", "unknown_in_model", "unknown_in_graph", "unknown_in_tensor"],
+)
+def test_saved_bytes_are_those_of_serialize_to_string(tmp_path, make):
+    """The model is written piece by piece (one tensor's bytes at a time), to the same bytes."""
+    model = make()
+    out = save_model_atomic(model, tmp_path / "m.onnx")
+    assert out.read_bytes() == model.SerializeToString()
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_write_temporary_file_stands_without_the_model(tmp_path, external):
+    import gc
+
+    model = load_model(tiny_conv_model()).model
+    expected = initializer_map(model.graph)
+    target = tmp_path / "out.onnx"
+    with io_mod.write_temporary(model, target, external_data=external, size_threshold=0) as written:
+        del model
+        gc.collect()
+        assert written.path.is_file() and not target.exists()
+        onnx.checker.check_model(str(written.path), full_check=True)
+        assert written.commit() == target
+    names = sorted(os.listdir(tmp_path))
+    assert names == (["out.onnx", "out.onnx.data"] if external else ["out.onnx"])
+    reloaded = load_model(target).model
+    for name, value in expected.items():
+        np.testing.assert_array_equal(initializer_map(reloaded.graph)[name], value)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_write_temporary_not_committed_leaves_nothing(tmp_path, external):
+    with io_mod.write_temporary(tiny_conv_model(), tmp_path / "out.onnx", external_data=external, size_threshold=0) as written:
+        assert written.path.is_file()
+    assert os.listdir(tmp_path) == []
+
+
+def test_small_shape_holding_large_data_is_rejected():
+    """A tensor declaring 4 floats but holding 100 000 is caught here (the basic checker does not look)."""
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], raw_data=np.zeros(100_000, np.float32).tobytes())
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["w"], ["y"])], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(InputModelError, match=r"initializer 'w' holds 400000 values/bytes but its shape \[4\] needs 16"):
+        load_model(model)
+
+
+def test_save_refuses_a_large_tensor_whose_data_does_not_fill_its_shape(tmp_path):
+    """Large tensors are written by their declared size: one that does not match fails, leaving no file."""
+    model = tiny_conv_model()
+    bad = model.graph.initializer.add()
+    bad.name, bad.data_type = "bad", TensorProto.FLOAT
+    bad.dims.append(100_000)
+    bad.raw_data = np.zeros(50_000, np.float32).tobytes()
+    with pytest.raises(OutputError, match=r"tensor 'bad': it holds 200000 bytes but its shape \[100000\] needs 400000"):
+        save_model_atomic(model, tmp_path / "out.onnx")
+    assert os.listdir(tmp_path) == []
