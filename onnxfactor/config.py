@@ -40,6 +40,9 @@ class RankConfig:
 class CompressConfig:
     """Options of :func:`onnxfactor.compress`.
 
+    method:
+        The decomposition: ``tucker2`` (default), ``cp3``, ``cp4`` or ``tucker3`` (spatial Tucker); see
+        :mod:`onnxfactor.methods`. A CP fit that degenerates falls back to Tucker-2 for that layer.
     min_reduction:
         A layer is decomposed only if both its MACs and its parameter count drop by at least this
         fraction (0.1 = 10 %). ``None`` decomposes every eligible layer regardless (used to test
@@ -54,6 +57,7 @@ class CompressConfig:
     """
 
     ranks: RankConfig = field(default_factory=RankConfig)
+    method: str = "tucker2"
     min_reduction: float | None = 0.1
     in_mode_min_channels: int = 4
     hooi_iters: int = 0

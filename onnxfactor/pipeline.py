@@ -21,8 +21,9 @@ from onnxfactor import io as model_io
 from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
 from onnxfactor.config import CompressConfig
 from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed
-from onnxfactor.methods import METHODS
-from onnxfactor.ranks.policies import RankChoice, choose_ranks, load_rank_file
+from onnxfactor.methods import METHODS, tucker2
+from onnxfactor.methods.cp import DegenerateFit
+from onnxfactor.ranks.policies import RankChoice, load_rank_file
 from onnxfactor.report import CompressReport, LayerReport, Totals
 from onnxfactor.rewrite import Rewriter, export_model
 
@@ -108,10 +109,14 @@ def _kept_reason(choice: RankChoice) -> str:
 class _LayerDecomposer:
     """Ranks and decomposes sites, caching spectra per weight (a shared weight is analysed once)."""
 
-    def __init__(self, config: CompressConfig, explicit: dict | None, sites: list[ConvSite], method: str = "tucker2"):
+    def __init__(self, config: CompressConfig, explicit: dict | None, sites: list[ConvSite]):
+        if config.method not in METHODS:
+            from onnxfactor.errors import UsageError
+
+            raise UsageError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)} (--method)")
         self.config = config
         self.explicit = explicit
-        self.method = METHODS[method]
+        self.method = METHODS[config.method]
         self._spectra: dict[tuple, object] = {}
         # Spectra hold C x C eigenvector matrices (about the model's size in total): keep one only
         # until the last Conv sharing its weight has been processed.
@@ -139,9 +144,9 @@ class _LayerDecomposer:
         weight = np.asarray(site.weight_array(), dtype=np.float32)
         spectra = self.spectra(site, weight)
         entry = self.explicit.get(site.name) if self.explicit is not None else None
-        if entry is not None and not site.geometry.is_pointwise and not self.in_mode(site):
+        if entry is not None and "in" in entry and not site.geometry.is_pointwise and not self.in_mode(site):
             entry = {**entry, "in": None}
-        return choose_ranks(spectra, self.config.ranks, entry), weight, spectra
+        return self.method.choose_ranks(spectra, self.config.ranks, entry), weight, spectra
 
     def run(self, site: ConvSite, rewriter: Rewriter | None) -> LayerReport:
         start = time.perf_counter()
@@ -156,7 +161,16 @@ class _LayerDecomposer:
             layer.reason = _kept_reason(choice)
             layer.seconds = time.perf_counter() - start
             return layer
-        chain = self.method.decompose(weight, site.geometry, choice.ranks, spectra=spectra, hooi_iters=self.config.hooi_iters)
+        try:
+            chain = self.method.decompose(weight, site.geometry, choice.ranks, spectra=spectra, hooi_iters=self.config.hooi_iters)
+        except DegenerateFit as e:
+            chain, choice = self._fallback(weight, site, spectra)
+            layer.modes = [m.to_dict() for m in choice.modes]
+            layer.fallback = f"CP fit degenerate ({e.reason}); fell back to Tucker-2"
+            if chain is None:
+                layer.reason = layer.fallback + ": " + _kept_reason(choice)
+                layer.seconds = time.perf_counter() - start
+                return layer
         layer.method, layer.ranks = chain.method, dict(chain.ranks)
         layer.params_after = chain.params
         if site.in_spatial is not None and site.out_spatial is not None:
@@ -169,6 +183,17 @@ class _LayerDecomposer:
             layer.status = "decomposed"
         layer.seconds = time.perf_counter() - start
         return layer
+
+    def _fallback(self, weight: np.ndarray, site: ConvSite, spectra):
+        """Tucker-2 in place of a degenerate CP fit (the CP spectra include Tucker-2's two modes)."""
+        ranks = self.config.ranks
+        if ranks.policy == "file":  # a CP rank-file entry is not a Tucker-2 entry: use VBMF
+            ranks = dataclasses.replace(ranks, policy="vbmf")
+        choice = tucker2.choose_ranks(spectra, ranks, None)
+        if not choice.decomposes:
+            return None, choice
+        chain = tucker2.decompose(weight, site.geometry, choice.ranks, spectra=spectra, hooi_iters=self.config.hooi_iters)
+        return chain, choice
 
     def _margin_reason(self, layer: LayerReport) -> str | None:
         m = self.config.min_reduction
@@ -223,7 +248,7 @@ def _load_explicit(config: CompressConfig, sites: list[ConvSite]) -> dict | None
 
         raise UsageError("rank policy 'file' needs a rank file (--rank-file ranks.json)")
     known = {s.name: (s.geometry.is_pointwise, s.out_per_group, s.in_per_group) for s in sites}
-    return load_rank_file(config.ranks.rank_file, known)
+    return load_rank_file(config.ranks.rank_file, known, method=config.method)
 
 
 def compress(

@@ -35,6 +35,7 @@ class LayerReport:
     macs_after: int | None = None
     rel_reconstruction_error: float | None = None
     new_nodes: list[str] = field(default_factory=list)
+    fallback: str | None = None         # e.g. a degenerate CP fit replaced by Tucker-2
     seconds: float = 0.0
 
     @property

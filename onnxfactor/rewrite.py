@@ -15,10 +15,8 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxfactor.analysis import ConvSite, iter_graphs
-from onnxfactor.methods.base import ChainSpec
+from onnxfactor.methods.base import ChainSpec, geometry_attrs
 
-# Attributes that describe the geometry of a Conv; pointwise convs of a chain get none of them.
-_GEOMETRY_ATTRS = ("auto_pad", "dilations", "pads", "strides")
 
 
 class Rewriter:
@@ -56,10 +54,7 @@ class Rewriter:
             if weight is None:
                 weight = gs.Constant(self._unique(f"{base}/{chain.method}_{conv.role}_weight"), conv.weight.astype(dtype))
                 self._factor_cache[key] = weight
-            if conv.carries_geometry:
-                attrs = {k: v for k, v in node.attrs.items() if k in _GEOMETRY_ATTRS}
-            else:
-                attrs = {}
+            attrs = geometry_attrs(conv, node.attrs)
             attrs["kernel_shape"] = [int(k) for k in conv.weight.shape[2:]]
             attrs["group"] = int(conv.group)
             inputs = [x, weight] + ([bias] if conv.takes_bias and bias is not None else [])

@@ -10,7 +10,7 @@ from onnxfactor.cli import options as opt
 from onnxfactor.cli.render import Renderer
 
 
-def _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude):
+def _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method="tucker2"):
     from onnxfactor.config import CompressConfig, RankConfig
 
     policy = "file" if rank_file is not None else ranks.value
@@ -19,7 +19,7 @@ def _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to,
         rank0=rank0.value, min_rank=min_rank, round_to=round_to,
     )
     return CompressConfig(
-        ranks=rank_config, min_reduction=min_reduction, in_mode_min_channels=in_min_channels,
+        ranks=rank_config, method=getattr(method, "value", method), min_reduction=min_reduction, in_mode_min_channels=in_min_channels,
         hooi_iters=hooi, nodes=tuple(node or ()), exclude=tuple(exclude or ()),
     )
 
@@ -33,6 +33,7 @@ def _shapes(input_shape):
 def compress(
     input_model: opt.InputModel,
     output_model: Path = typer.Argument(..., help="Where to write the compressed model (atomically, after checks).", show_default=False),
+    method: opt.Method = opt.MethodName.tucker2,
     ranks: opt.Policy = opt.RankPolicy.vbmf,
     weaken: opt.Weaken = 0.6,
     ratio: opt.Ratio = 0.5,
@@ -61,7 +62,7 @@ def compress(
     """Decompose the Conv layers of INPUT_MODEL and write OUTPUT_MODEL, with a validation report."""
     from onnxfactor.pipeline import ValidationOptions, compress_file
 
-    config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude)
+    config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method)
     validation = None if no_validate else ValidationOptions(
         data=data, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
         latency_runs=latency_runs, max_rel_error=max_rel_error,
@@ -77,6 +78,7 @@ def compress(
 
 def analyze(
     input_model: opt.InputModel,
+    method: opt.Method = opt.MethodName.tucker2,
     ranks: opt.Policy = opt.RankPolicy.vbmf,
     weaken: opt.Weaken = 0.6,
     ratio: opt.Ratio = 0.5,
@@ -96,7 +98,7 @@ def analyze(
 
     if report is not None:
         check_output_path(report, "report", protected={"input model": input_model})
-    config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None)
+    config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None, method)
     result = run_analyze(input_model, config=config, input_shapes=_shapes(input_shape))
     if report is not None:
         result.write_json(report)

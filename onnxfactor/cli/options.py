@@ -17,6 +17,15 @@ class RankPolicy(str, Enum):
     file = "file"
 
 
+def _method_enum():
+    from onnxfactor.methods import METHODS  # the registry is the single source of the choices
+
+    return Enum("MethodName", {name: name for name in METHODS}, type=str)
+
+
+MethodName = _method_enum()
+
+
 class Rank0Rule(str, Enum):
     keep = "keep"
     min = "min"
@@ -66,3 +75,7 @@ MaxRelError = Annotated[
 ]
 ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write every per-layer figure to this JSON file.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")]
+Method = Annotated[
+    MethodName,
+    typer.Option(help="Decomposition: tucker2 (Tucker-2), cp3 (CP, depthwise kxk), cp4 (CP, one depthwise conv per axis), tucker3 (spatial Tucker)."),
+]
