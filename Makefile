@@ -1,5 +1,5 @@
 # The two set-up commands of the README:
-#   make demo   installs onnxfactor into .venv and compresses the bundled Fashion-MNIST CNN
+#   make demo   installs onnxfactor into .venv and compresses the bundled wide Fashion-MNIST CNN
 #   make test   installs onnxfactor + test dependencies into .venv and runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 
 demo: setup
 	mkdir -p out
-	$(VENV)/bin/onnxfactor compress models/fashion_cnn.onnx out/fashion_cnn_tucker2.onnx \
-		--data models/fashion_mnist_test.npz --report out/fashion_cnn_report.json
+	$(VENV)/bin/onnxfactor compress models/fashion_vgg_wide.onnx out/fashion_vgg_wide_tucker2.onnx \
+		--ranks weakened --weaken 0.6 --exclude /0/Conv \
+		--data models/fashion_mnist_test.npz --report out/fashion_vgg_wide_report.json
 
 test: setup
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q
