@@ -341,21 +341,21 @@ def _copy_fields(src, dst, *, skip: str = "", numbers: Callable[[int], bool] = l
     visited through the descriptor, not ``ListFields()``, which would read (copy) ``skip`` too:
     a tensor's ``raw_data`` is then copied whole just to be left out.
     """
-    for field in src.DESCRIPTOR.fields:
-        if field.name == skip or not numbers(field.number):
+    for descriptor in src.DESCRIPTOR.fields:
+        if descriptor.name == skip or not numbers(descriptor.number):
             continue
         # protobuf >= 6 has ``is_repeated``; older versions only ``label``
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
         if repeated:
-            values = getattr(src, field.name)
+            values = getattr(src, descriptor.name)
             if values:
-                getattr(dst, field.name).extend(values)
-        elif not src.HasField(field.name):
+                getattr(dst, descriptor.name).extend(values)
+        elif not src.HasField(descriptor.name):
             continue
-        elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(getattr(src, field.name))
+        elif descriptor.message_type is not None:
+            getattr(dst, descriptor.name).CopyFrom(getattr(src, descriptor.name))
         else:
-            setattr(dst, field.name, getattr(src, field.name))
+            setattr(dst, descriptor.name, getattr(src, descriptor.name))
 
 
 def _holds_large_data(tensor: TensorProto) -> bool:
