@@ -17,22 +17,10 @@ from onnxfactor.errors import UsageError
 from onnxfactor.methods import METHODS, cp, tucker2, tucker3
 from onnxfactor.methods.base import ChainSpec, ConvGeometry, ConvSpec, dense_weight, geometry_attrs
 from onnxfactor.ranks import policies
-
-NOISE = 1e-3  # ||noise|| / ||signal||
-
+from tests.unit.test_policies import add_noise, orthonormal
 
 # ------------------------------------------------------------------------------------------------
-# Weights of known structure
-
-
-def orthonormal(rng: np.random.Generator, n: int, r: int) -> np.ndarray:
-    q, _ = np.linalg.qr(rng.standard_normal((n, r)))
-    return q
-
-
-def add_noise(rng: np.random.Generator, w: np.ndarray, rel: float = NOISE) -> np.ndarray:
-    sigma = rel * np.linalg.norm(w) / math.sqrt(w.size)
-    return w + sigma * rng.standard_normal(w.shape)
+# Weights of known structure (noise and orthonormal factors as in the rank-policy tests)
 
 
 def exact_cp3(rng, o: int, i: int, kernel, rank: int, group: int = 1) -> np.ndarray:
