@@ -21,11 +21,17 @@ from onnxfactor import io as model_io
 from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
 from onnxfactor.config import CompressConfig
 from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed
-from onnxfactor.methods import METHODS, tucker2
+from onnxfactor.methods import AUTO, METHOD_CHOICES, METHODS, tucker2, tucker3
+from onnxfactor.methods.base import ChainSpec
 from onnxfactor.methods.cp import DegenerateFit
+from onnxfactor.methods.search import CostModel
 from onnxfactor.ranks.policies import RankChoice, load_rank_file
 from onnxfactor.report import CompressReport, LayerReport, Totals
 from onnxfactor.rewrite import Rewriter, export_model
+from onnxfactor.speed import Candidate, Option, guard_end_to_end, meet_budget, select_faster_layers
+
+#: Weakening levels of the VBMF ranks a latency budget chooses from, per layer (1.0 = plain VBMF).
+BUDGET_LEVELS = (0.25, 0.5, 0.75, 1.0)
 
 #: progress(done, total, layer_name) is called after each layer.
 Progress = Callable[[int, int, str], None]
@@ -50,6 +56,7 @@ class _Prepared:
     sites: list[ConvSite]
     skipped: list[SkippedNode]
     input_shapes: dict
+    shapes: dict
 
 
 def _prepare(source, input_shapes: dict | None) -> _Prepared:
@@ -70,7 +77,7 @@ def _prepare(source, input_shapes: dict | None) -> _Prepared:
             site.output_shape = recorded.get(site.node.outputs[0].name, site.output_shape)
     if not sites and not skipped:
         raise NothingToCompress("the model has no Conv node: nothing to compress")
-    return _Prepared(loaded, graph, sites, skipped, resolved)
+    return _Prepared(loaded, graph, sites, skipped, resolved, shapes)
 
 
 def _selection_reason(site: ConvSite, config: CompressConfig, explicit: dict | None) -> str | None:
@@ -110,13 +117,19 @@ class _LayerDecomposer:
     """Ranks and decomposes sites, caching spectra per weight (a shared weight is analysed once)."""
 
     def __init__(self, config: CompressConfig, explicit: dict | None, sites: list[ConvSite]):
-        if config.method not in METHODS:
-            from onnxfactor.errors import UsageError
+        from onnxfactor.errors import UsageError
 
-            raise UsageError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)} (--method)")
+        if config.method not in METHOD_CHOICES:
+            raise UsageError(f"unknown method {config.method!r}; choose one of {', '.join(METHOD_CHOICES)} (--method)")
+        self.auto = config.method == AUTO
+        if self.auto and config.ranks.policy == "file":
+            raise UsageError("a rank file gives the ranks of one method: choose --method tucker2, cp3, cp4 or tucker3 with --rank-file")
+        if config.ranks.policy == "error" and not 0.0 <= config.ranks.target_error < 1.0:
+            raise UsageError(f"--target-error must be in [0, 1), got {config.ranks.target_error:g}")
         self.config = config
         self.explicit = explicit
-        self.method = METHODS[config.method]
+        # auto needs every method's spectra: spatial Tucker's are the superset (out, in, spatial)
+        self.method = tucker3 if self.auto else METHODS[config.method]
         self._spectra: dict[tuple, object] = {}
         # Spectra hold C x C eigenvector matrices (about the model's size in total): keep one only
         # until the last Conv sharing its weight has been processed.
@@ -141,48 +154,106 @@ class _LayerDecomposer:
         return spectra
 
     def choose(self, site: ConvSite) -> tuple[RankChoice, np.ndarray, object]:
+        """The policy's ranks (for ``auto``: Tucker-2's, the reference), the weight and its spectra."""
         weight = np.asarray(site.weight_array(), dtype=np.float32)
         spectra = self.spectra(site, weight)
         entry = self.explicit.get(site.name) if self.explicit is not None else None
         if entry is not None and "in" in entry and not site.geometry.is_pointwise and not self.in_mode(site):
             entry = {**entry, "in": None}
-        return self.method.choose_ranks(spectra, self.config.ranks, entry), weight, spectra
+        ranks = self.config.ranks
+        if ranks.policy == "error":  # the rows of the report: VBMF ranks for reference, replaced later
+            ranks = dataclasses.replace(ranks, policy="vbmf")
+        if self.auto:
+            return tucker2.choose_ranks(_spectra_for("tucker2", spectra), ranks, entry), weight, spectra
+        return self.method.choose_ranks(spectra, ranks, entry), weight, spectra
 
-    def run(self, site: ConvSite, rewriter: Rewriter | None) -> LayerReport:
+    def run(self, site: ConvSite, *, variants: bool = False) -> tuple[LayerReport, list[ChainSpec]]:
+        """Decide one site: its report row and, if it is to be decomposed, its chain options.
+
+        The first option is the chosen chain; with ``variants`` its rank-rounded versions follow
+        (see :func:`onnxfactor.speed.rounded_ranks`), for the latency-aware selection to time.
+        Nothing is rewritten here.
+        """
         start = time.perf_counter()
         layer = _layer_base(site)
         reason = _selection_reason(site, self.config, self.explicit)
         if reason is not None:
             layer.reason = reason
-            return layer
+            return layer, []
         choice, weight, spectra = self.choose(site)
         layer.modes = [m.to_dict() for m in choice.modes]
-        if not choice.decomposes:
-            layer.reason = _kept_reason(choice)
-            layer.seconds = time.perf_counter() - start
-            return layer
+        if self.auto or self.config.ranks.policy == "error":
+            chain, choice, layer.reason = self._search(site, weight, spectra, choice, layer)
+        elif not choice.decomposes:
+            chain, layer.reason = None, _kept_reason(choice)
+        else:
+            chain, choice, layer.reason, layer.fallback = self._decompose(site, weight, spectra, choice)
+        layer.modes = [m.to_dict() for m in choice.modes]
+        options = []
+        if chain is not None:
+            _describe(layer, site, chain)
+            layer.reason = self._margin_reason(layer)
+            if layer.reason is None:
+                options = [chain] + (self._rounded_variants(site, weight, spectra, chain) if variants else [])
+        layer.seconds = time.perf_counter() - start
+        return layer, options
+
+    def _rounded_variants(self, site: ConvSite, weight: np.ndarray, spectra, chain: ChainSpec) -> list[ChainSpec]:
+        """``chain`` rebuilt with its ranks rounded up to multiples of 8 and 16 (same method), when
+        that changes them and still passes the ``min_reduction`` margin; a degenerate CP fit is skipped."""
+        from onnxfactor.speed import ROUNDING_STEPS, rounded_ranks
+
+        method_name = {"svd": "tucker2"}.get(chain.method, chain.method)
+        method = METHODS[method_name]
+        o, i = site.out_per_group, site.in_per_group
+        sizes = {"out": o, "in": i, "spatial": math.prod(site.geometry.kernel_shape),
+                 "rank": min(o, i) if chain.method == "svd" else max(o, i) * math.prod(site.geometry.kernel_shape)}
+        variants, seen = [], {tuple(sorted(chain.ranks.items()))}
+        for step in ROUNDING_STEPS:
+            ranks = rounded_ranks(chain.ranks, sizes, step)
+            if ranks is None or tuple(sorted(ranks.items())) in seen:
+                continue
+            seen.add(tuple(sorted(ranks.items())))
+            try:
+                variant = method.decompose(weight, site.geometry, ranks, spectra=_spectra_for(method_name, spectra), hooi_iters=self.config.hooi_iters)
+            except DegenerateFit:
+                continue
+            probe = _layer_base(site)
+            _describe(probe, site, variant)
+            if self._margin_reason(probe) is None:
+                variants.append(variant)
+        return variants
+
+    def budget_options(self, candidates: list[Candidate], timer, opset: int | None) -> dict[str, list[Option]]:
+        """Per timeable candidate, its chain at each weakening level of :data:`BUDGET_LEVELS` (and,
+        with ``rank_search``, that chain with ranks rounded up to x16), each timed against the Conv."""
+        from onnxfactor.latency import time_layer
+
+        levels = {}
+        for c in candidates:
+            site = c.site
+            if site.graph_path or site.input_shape is None:
+                continue
+            options = []
+            for level in BUDGET_LEVELS:
+                ranks = dataclasses.replace(self.config.ranks, policy="weakened", weaken=level)
+                sub = _LayerDecomposer(dataclasses.replace(self.config, ranks=ranks), self.explicit, [site])
+                _, chains = sub.run(site, variants=self.config.latency.rank_search)
+                for chain in chains:
+                    options.append(Option(level, chain, time_layer(timer, site, chain, opset=opset)))
+            levels[site.name] = options
+        return levels
+
+    def _decompose(self, site: ConvSite, weight: np.ndarray, spectra, choice: RankChoice):
+        """The method's chain at the chosen ranks: ``(chain | None, choice, kept reason, fallback note)``."""
         try:
             chain = self.method.decompose(weight, site.geometry, choice.ranks, spectra=spectra, hooi_iters=self.config.hooi_iters)
+            return chain, choice, None, None
         except DegenerateFit as e:
             chain, choice = self._fallback(weight, site, spectra)
-            layer.modes = [m.to_dict() for m in choice.modes]
-            layer.fallback = f"CP fit degenerate ({e.reason}); fell back to Tucker-2"
-            if chain is None:
-                layer.reason = layer.fallback + ": " + _kept_reason(choice)
-                layer.seconds = time.perf_counter() - start
-                return layer
-        layer.method, layer.ranks = chain.method, dict(chain.ranks)
-        layer.params_after = chain.params
-        if site.in_spatial is not None and site.out_spatial is not None:
-            layer.macs_after = chain.macs(site.in_spatial, site.out_spatial)
-        layer.rel_reconstruction_error = chain.rel_error
-        layer.reason = self._margin_reason(layer)
-        if layer.reason is None and rewriter is not None:
-            share_key = (site.graph_path, site.weight.name, tuple(sorted(chain.ranks.items())), self.config.hooi_iters)
-            layer.new_nodes = rewriter.replace(site, chain, share_key)
-            layer.status = "decomposed"
-        layer.seconds = time.perf_counter() - start
-        return layer
+            fallback = f"CP fit degenerate ({e.reason}); fell back to Tucker-2"
+            reason = None if chain is not None else fallback + ": " + _kept_reason(choice)
+            return chain, choice, reason, fallback
 
     def _fallback(self, weight: np.ndarray, site: ConvSite, spectra):
         """Tucker-2 in place of a degenerate CP fit (the CP spectra include Tucker-2's two modes)."""
@@ -195,6 +266,54 @@ class _LayerDecomposer:
         chain = tucker2.decompose(weight, site.geometry, choice.ranks, spectra=spectra, hooi_iters=self.config.hooi_iters)
         return chain, choice
 
+    def _search(self, site: ConvSite, weight: np.ndarray, spectra, choice: RankChoice, layer: LayerReport):
+        """The cheapest chain meeting the error target (``error`` policy and/or ``auto``).
+
+        Returns ``(chain | None, choice, kept reason)``; every method tried is recorded in
+        ``layer.candidates`` with its ranks, error, MACs and search time.
+        """
+        cost = CostModel.of(site.weight_shape, site.geometry, site.in_spatial, site.out_spatial)
+        step = self.config.ranks.round_to
+
+        def macs(chain) -> int:  # the CostModel's unit: MACs, or parameters when sizes are unknown
+            return chain.macs(cost.in_spatial, cost.out_spatial)
+
+        def record(name: str, chain, seconds: float, note: str = "") -> None:
+            entry = {"method": name, "seconds": round(seconds, 4), "note": note}
+            if chain is not None:
+                entry.update(chain=chain.method, ranks=dict(chain.ranks), rel_error=chain.rel_error, macs=macs(chain))
+            layer.candidates.append(entry)
+
+        best, target = None, self.config.ranks.target_error
+        if self.config.ranks.policy != "error":  # auto: Tucker-2 at the policy's ranks sets the target
+            if not choice.decomposes:
+                return None, choice, _kept_reason(choice)
+            t0 = time.perf_counter()
+            best = tucker2.decompose(weight, site.geometry, choice.ranks, spectra=spectra, hooi_iters=self.config.hooi_iters)
+            target = best.rel_error
+            record("tucker2", best, time.perf_counter() - t0, f"{self.config.ranks.policy} ranks: the error target")
+        names = list(METHODS) if self.auto else [self.config.method]
+        if site.geometry.is_pointwise:  # every method's chain of a matrix is its truncated SVD
+            names = names[:1]
+        best_name = "tucker2" if best is not None else None
+        for name in names:
+            t0 = time.perf_counter()
+            max_cost = macs(best) if best is not None else None
+            chain = METHODS[name].chain_for_error(
+                weight, site.geometry, target, spectra=_spectra_for(name, spectra), cost=cost, max_cost=max_cost, step=step
+            )
+            found = chain is not None and (best is None or macs(chain) < macs(best))
+            record(name, chain, time.perf_counter() - t0, "cheapest meeting the target" if chain is not None else "none meets the target below the cost to beat")
+            if found:
+                best, best_name = chain, name
+        if best is None:
+            what = "any method" if self.auto else self.config.method
+            return None, choice, f"no {what} chain reaches relative error <= {target:.3g} with fewer MACs than the original"
+        note = f"cheapest chain with relative error <= {target:.3g}" + (f" (auto: {best_name})" if self.auto else "")
+        rows = METHODS[best_name].choose_ranks(_spectra_for(best_name, spectra), dataclasses.replace(self.config.ranks, policy="vbmf"), None)
+        modes = [dataclasses.replace(m, rank=best.ranks.get(m.mode), note=note) for m in rows.modes]
+        return best, RankChoice(dict(best.ranks), modes), None
+
     def _margin_reason(self, layer: LayerReport) -> str | None:
         m = self.config.min_reduction
         if m is None:
@@ -206,6 +325,22 @@ class _LayerDecomposer:
         if short:
             return f"chain would change {', '.join(short)}; needs a cut of at least {m:.0%} (--min-reduction)"
         return None
+
+
+def _describe(layer: LayerReport, site: ConvSite, chain: ChainSpec) -> None:
+    """Fill ``layer``'s figures of ``chain`` (method, ranks, counts, reconstruction error)."""
+    layer.method, layer.ranks = chain.method, dict(chain.ranks)
+    layer.params_after = chain.params
+    if site.in_spatial is not None and site.out_spatial is not None:
+        layer.macs_after = chain.macs(site.in_spatial, site.out_spatial)
+    layer.rel_reconstruction_error = chain.rel_error
+
+
+def _spectra_for(name: str, spectra):
+    """The view of the superset spectra (``auto``) that method ``name`` expects: Tucker-2 has no spatial mode."""
+    if name == "tucker2" and getattr(spectra, "spatial", None) is not None:
+        return dataclasses.replace(spectra, spatial=None)
+    return spectra
 
 
 def _model_params(model: onnx.ModelProto) -> int:
@@ -257,12 +392,16 @@ def compress(
     config: CompressConfig | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
+    timer=None,
 ) -> CompressResult:
     """Decompose the Conv layers of ``model`` and return the rewritten model and a report.
 
     ``model`` is a path or a ``ModelProto`` (never modified). ``input_shapes`` fixes dynamic input
     dimensions for shape inference (MAC counts); see :func:`onnxfactor.validation.resolve_input_shapes`
-    for the defaults. Nothing is written to disk; see :func:`compress_file`.
+    for the defaults. With ``config.latency`` set, layers are kept only where ONNX Runtime measures
+    them faster and the model is guarded end to end (see :mod:`onnxfactor.speed`); ``timer``
+    replaces the ONNX Runtime timer (:class:`onnxfactor.latency.Timer`, e.g. a fake one in tests).
+    Nothing is written to disk; see :func:`compress_file`.
     """
     config = config or CompressConfig()
     timings = {}
@@ -273,20 +412,27 @@ def compress(
 
     t1 = time.perf_counter()
     decomposer = _LayerDecomposer(config, explicit, prep.sites)
-    rewriter = Rewriter(prep.graph)
-    layers = []
+    measuring = config.latency is not None
+    layers, candidates = [], []
     for index, site in enumerate(prep.sites):
-        layers.append(decomposer.run(site, rewriter))
+        layer, options = decomposer.run(site, variants=measuring and config.latency.rank_search)
+        layers.append(layer)
+        if options:
+            candidates.append(Candidate(site, layer, options))
         if progress is not None:
             progress(index + 1, len(prep.sites), site.name)
     timings["decompose"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     params_before = _model_params(prep.loaded.model)
-    # The normalised copy becomes the output: its unchanged weights are not copied again.
-    out = export_model(prep.graph, prep.loaded.model)
-    out = model_io.restore_conventions(out, prep.loaded.ir_version)
-    timings["export"] = time.perf_counter() - t2
+    speed = None
+    if measuring and candidates:
+        t = time.perf_counter()
+        out, speed = _measured_selection(prep, decomposer, candidates, config, timer)
+        timings["latency"] = time.perf_counter() - t
+    else:
+        out = _build(prep, candidates, in_place=True, hooi_iters=config.hooi_iters)
+    timings["export"] = time.perf_counter() - t2 - timings.get("latency", 0.0)
 
     report = CompressReport(
         config=dataclasses.asdict(config),
@@ -297,11 +443,108 @@ def compress(
         totals=_totals(layers, params_before, _model_params(out)),
         timings=timings,
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
+        speed=speed,
     )
+    if speed is not None and speed.get("warning"):
+        report.warnings.append(speed["warning"])
     if not report.totals.macs_known:
         report.warnings.append("some Conv output shapes are unknown: MAC totals cover only the known layers (set --input-shape)")
     timings["total"] = time.perf_counter() - t0
     return CompressResult(out, report, external_data=prep.loaded.external_data)
+
+
+def _apply(rewriter: Rewriter, candidate: Candidate, hooi_iters: int) -> list[str]:
+    site, chain = candidate.site, candidate.chain
+    share_key = (site.graph_path, site.weight.name, chain.method, tuple(sorted(chain.ranks.items())), hooi_iters)
+    return rewriter.replace(site, chain, share_key)
+
+
+def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi_iters: int) -> onnx.ModelProto:
+    """The model with every candidate's ``chain`` applied (``None``: kept); marks the report rows.
+
+    ``in_place`` rewrites ``prep``'s graph and model (the final output: its unchanged weights are
+    not copied again); otherwise a copy of the normalised model is rewritten, for timing a trial.
+    """
+    if in_place:
+        graph, base, sites = prep.graph, prep.loaded.model, {(c.site.graph_path, c.site.name): c.site for c in candidates}
+    else:
+        base = _copy(prep.loaded.model)
+        graph = gs.import_onnx(base)
+        name_unnamed_nodes(graph)
+        sites = {(s.graph_path, s.name): s for s in find_conv_sites(graph, prep.shapes)[0]}
+    rewriter = Rewriter(graph)
+    for c in candidates:
+        c.layer.new_nodes, c.layer.status = [], "kept"
+        if c.chain is None:
+            continue
+        c.layer.reason = None
+        site = sites[(c.site.graph_path, c.site.name)]
+        c.layer.new_nodes = _apply(rewriter, Candidate(site, c.layer, [c.chain]), hooi_iters)
+        c.layer.status = "decomposed"
+    out = export_model(graph, base)
+    return model_io.restore_conventions(out, prep.loaded.ir_version)
+
+
+def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate], config: CompressConfig, timer):
+    """Per-layer timing, then the end-to-end guard or the latency budget; returns (model, speed dict)."""
+    from onnxfactor.latency import OrtTimer
+    from onnxfactor.validation import make_inputs, resolve_providers
+
+    latency = config.latency
+    providers = resolve_providers(latency.provider)
+    timer = timer or OrtTimer(providers, latency.threads)
+    opset = next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
+    original = model_io.restore_conventions(_copy(prep.loaded.model), prep.loaded.ir_version)
+    _require_loadable(original, providers)
+    feeds = make_inputs(original, shapes=prep.input_shapes, seed=0).batches[0]
+    speed = {"providers": providers, "threads": latency.threads, "margin": latency.margin}
+    budget = latency.target_speedup is not None or latency.max_latency_ms is not None
+
+    def build(applied):
+        return _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters)
+
+    if budget:
+        levels = decomposer.budget_options(candidates, timer, opset)
+        result, met = meet_budget(
+            candidates, levels, build, original, feeds, timer,
+            target_speedup=latency.target_speedup, max_latency_ms=latency.max_latency_ms,
+        )
+        goal = f"{latency.target_speedup:g}x" if latency.target_speedup is not None else f"{latency.max_latency_ms:g} ms"
+        speed.update(budget=goal, budget_met=met, **result.to_dict())
+        if not met:
+            last = result.rounds[-1]
+            speed["warning"] = (
+                f"latency budget {goal} is out of reach: the fastest model found runs {last['compressed_ms']:.3g} ms "
+                f"against {last['original_ms']:.3g} ms ({last['speedup']:.2f}x) with every useful layer at its fastest option"
+            )
+        return result.model, speed
+    select_faster_layers(candidates, timer, margin=latency.margin, opset=opset)
+    if not latency.guard:
+        return _build(prep, candidates, in_place=True, hooi_iters=config.hooi_iters), speed
+    result = guard_end_to_end(
+        candidates, build, original, feeds, timer, allow_slower=latency.allow_slower
+    )
+    speed.update(result.to_dict())
+    if result.speedup is not None and result.speedup < 1.0:
+        speed["warning"] = f"the compressed model measured {result.speedup:.2f}x as fast as the original (kept: --allow-slower)"
+    return result.model, speed
+
+
+def _require_loadable(model: onnx.ModelProto, providers: list[str]) -> None:
+    """Raise :class:`InputModelError` when ONNX Runtime cannot load the input model (nothing to time)."""
+    from onnxfactor.validation.providers import make_session
+
+    try:
+        make_session(model, providers)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputModelError(f"ONNX Runtime cannot load the input model: {reason}; fix the input model first") from None
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def analyze(
@@ -318,7 +561,7 @@ def analyze(
     prep = _prepare(model, input_shapes)
     explicit = _load_explicit(config, prep.sites)
     decomposer = _LayerDecomposer(config, explicit, prep.sites)
-    layers = [decomposer.run(site, None) for site in prep.sites]
+    layers = [decomposer.run(site)[0] for site in prep.sites]
     for layer in layers:
         if layer.reason is None and layer.params_after is not None:
             layer.status = "would decompose"

@@ -36,6 +36,8 @@ class LayerReport:
     rel_reconstruction_error: float | None = None
     new_nodes: list[str] = field(default_factory=list)
     fallback: str | None = None         # e.g. a degenerate CP fit replaced by Tucker-2
+    candidates: list[dict] = field(default_factory=list)  # methods tried by auto / the error policy
+    latency: dict | None = None         # measured: original_ms, chain_ms, speedup, options tried
     seconds: float = 0.0
 
     @property
@@ -89,6 +91,7 @@ class CompressReport:
     timings: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     validation: dict | None = None
+    speed: dict | None = None           # latency-aware selection: end-to-end rounds, budget
     input_path: str | None = None
     output_path: str | None = None
 

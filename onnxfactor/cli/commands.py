@@ -10,12 +10,12 @@ from onnxfactor.cli import options as opt
 from onnxfactor.cli.render import Renderer
 
 
-def _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method="tucker2"):
+def _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method="tucker2"):
     from onnxfactor.config import CompressConfig, RankConfig
 
     policy = "file" if rank_file is not None else ranks.value
     rank_config = RankConfig(
-        policy=policy, weaken=weaken, ratio=ratio, energy=energy, rank_file=rank_file,
+        policy=policy, weaken=weaken, ratio=ratio, energy=energy, target_error=target_error, rank_file=rank_file,
         rank0=rank0.value, min_rank=min_rank, round_to=round_to,
     )
     return CompressConfig(
@@ -38,6 +38,7 @@ def compress(
     weaken: opt.Weaken = 0.6,
     ratio: opt.Ratio = 0.5,
     energy: opt.Energy = 0.95,
+    target_error: opt.TargetError = 0.3,
     rank_file: opt.RankFile = None,
     rank0: opt.Rank0 = opt.Rank0Rule.keep,
     min_rank: opt.MinRank = 1,
@@ -55,14 +56,33 @@ def compress(
     threads: opt.Threads = None,
     latency_runs: opt.LatencyRuns = 50,
     max_rel_error: opt.MaxRelError = None,
+    measure: opt.Measure = True,
+    speed_margin: opt.SpeedMargin = 0.05,
+    rank_search: opt.RankSearch = True,
+    allow_slower: opt.AllowSlower = False,
+    target_speedup: opt.TargetSpeedup = None,
+    max_latency_ms: opt.MaxLatencyMs = None,
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the ONNX Runtime comparison (checker and load still run)."),
     report: opt.ReportPath = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Decompose the Conv layers of INPUT_MODEL and write OUTPUT_MODEL, with a validation report."""
+    import dataclasses
+
+    from onnxfactor.config import LatencyConfig
+    from onnxfactor.errors import UsageError
     from onnxfactor.pipeline import ValidationOptions, compress_file
 
-    config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method)
+    config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method)
+    if target_speedup is not None and max_latency_ms is not None:
+        raise UsageError("give one latency budget: --target-speedup or --max-latency-ms, not both")
+    if not measure and (target_speedup is not None or max_latency_ms is not None):
+        raise UsageError("a latency budget (--target-speedup / --max-latency-ms) needs measurements: drop --no-measure")
+    if measure:
+        config = dataclasses.replace(config, latency=LatencyConfig(
+            margin=speed_margin, rank_search=rank_search, guard=True, allow_slower=allow_slower,
+            target_speedup=target_speedup, max_latency_ms=max_latency_ms, provider=provider, threads=threads,
+        ))
     validation = None if no_validate else ValidationOptions(
         data=data, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
         latency_runs=latency_runs, max_rel_error=max_rel_error,
@@ -83,6 +103,7 @@ def analyze(
     weaken: opt.Weaken = 0.6,
     ratio: opt.Ratio = 0.5,
     energy: opt.Energy = 0.95,
+    target_error: opt.TargetError = 0.3,
     rank_file: opt.RankFile = None,
     rank0: opt.Rank0 = opt.Rank0Rule.keep,
     min_rank: opt.MinRank = 1,
@@ -98,7 +119,7 @@ def analyze(
 
     if report is not None:
         check_output_path(report, "report", protected={"input model": input_model})
-    config = _configs(ranks, weaken, ratio, energy, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None, method)
+    config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None, method)
     result = run_analyze(input_model, config=config, input_shapes=_shapes(input_shape))
     if report is not None:
         result.write_json(report)

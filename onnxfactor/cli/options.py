@@ -14,13 +14,14 @@ class RankPolicy(str, Enum):
     weakened = "weakened"
     ratio = "ratio"
     energy = "energy"
+    error = "error"
     file = "file"
 
 
 def _method_enum():
-    from onnxfactor.methods import METHODS  # the registry is the single source of the choices
+    from onnxfactor.methods import METHOD_CHOICES  # the registry is the single source of the choices
 
-    return Enum("MethodName", {name: name for name in METHODS}, type=str)
+    return Enum("MethodName", {name: name for name in METHOD_CHOICES}, type=str)
 
 
 MethodName = _method_enum()
@@ -45,6 +46,10 @@ Policy = Annotated[RankPolicy, typer.Option("--ranks", help="Rank policy (see RE
 Weaken = Annotated[float, typer.Option(help="w of --ranks weakened: r = R - w (R - r_vbmf); 1 = VBMF, 0 = full rank.", min=0.0, max=1.0)]
 Ratio = Annotated[float, typer.Option(help="Fraction of the full rank for --ranks ratio.", min=0.0, max=1.0)]
 Energy = Annotated[float, typer.Option(help="Share of squared singular values kept by --ranks energy.", min=0.0, max=1.0)]
+TargetError = Annotated[
+    float,
+    typer.Option(help="Relative reconstruction error ||W - W_chain|| / ||W|| per layer for --ranks error (cheapest ranks meeting it).", min=0.0, max=0.999),
+]
 RankFile = Annotated[Optional[Path], typer.Option(help="JSON ranks per Conv node name (implies --ranks file).", show_default=False)]
 Rank0 = Annotated[Rank0Rule, typer.Option(help="When VBMF says a mode is noise (rank 0): keep it undecomposed, or use --min-rank.")]
 MinRank = Annotated[int, typer.Option(help="Rank used by --rank0 min.", min=1)]
@@ -77,5 +82,35 @@ ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write ever
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")]
 Method = Annotated[
     MethodName,
-    typer.Option(help="Decomposition: tucker2 (Tucker-2), cp3 (CP, depthwise kxk), cp4 (CP, one depthwise conv per axis), tucker3 (spatial Tucker)."),
+    typer.Option(
+        help="Decomposition: tucker2 (Tucker-2), cp3 (CP, depthwise kxk), cp4 (CP, one depthwise conv per axis), "
+        "tucker3 (spatial Tucker), auto (per layer the fewest MACs at no more reconstruction error than Tucker-2 at the --ranks ranks)."
+    ),
+]
+Measure = Annotated[
+    bool,
+    typer.Option(
+        "--measure/--no-measure",
+        help="Time every decomposed layer and the whole model in ONNX Runtime (--provider, --threads); keep only layers "
+        "that are faster and never write a slower model. --no-measure decides by MACs alone.",
+    ),
+]
+SpeedMargin = Annotated[
+    float, typer.Option(help="A decomposed layer must run at least 1 + this times as fast as the original Conv.", min=0.0)
+]
+RankSearch = Annotated[
+    bool, typer.Option("--rank-search/--no-rank-search", help="Also time ranks rounded up to multiples of 8 and 16; keep the fastest.")
+]
+AllowSlower = Annotated[
+    bool, typer.Option("--allow-slower", help="Write the model even if it measures slower end to end (no rollback).")
+]
+TargetSpeedup = Annotated[
+    Optional[float],
+    typer.Option(help="Latency budget: choose layers and VBMF weakening to run this many times as fast, at the least error.",
+                 show_default=False, min=1.0),
+]
+MaxLatencyMs = Annotated[
+    Optional[float],
+    typer.Option("--max-latency-ms", help="Latency budget in milliseconds per run of the --input-shape batch (instead of --target-speedup).",
+                 show_default=False, min=0.0),
 ]

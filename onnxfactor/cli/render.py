@@ -57,10 +57,17 @@ class Renderer:
 
     def layer_table(self, report, title: str) -> Table:
         table = Table(title=title, title_justify="left", show_lines=False)
-        for col, justify in (("layer", "left"), ("weight", "left"), ("status", "left"), ("VBMF", "right"), ("ranks", "left"),
-                             ("params", "right"), ("MACs", "right"), ("rel. err", "right"), ("reason", "left")):
+        timed = any(layer.latency and "speedup" in layer.latency for layer in report.layers)
+        columns = [("layer", "left"), ("weight", "left"), ("status", "left"), ("VBMF", "right"), ("ranks", "left"),
+                   ("params", "right"), ("MACs", "right"), ("rel. err", "right")]
+        columns += [("measured", "right")] if timed else []
+        for col, justify in columns + [("reason", "left")]:
             table.add_column(col, justify=justify, overflow="fold")
         for layer in report.layers:
+            measured = []
+            if timed:
+                lat = layer.latency or {}
+                measured = [f"{lat['original_ms']:.3g}->{lat['chain_ms']:.3g} ms {lat['speedup']:.2f}x" if "speedup" in lat else "-"]
             vbmf = ", ".join(f"{m['mode']}={m['vbmf_rank']}/{m['full_rank']}" for m in layer.modes) or "-"
             table.add_row(
                 escape(layer.name),
@@ -71,6 +78,7 @@ class Renderer:
                 _ratio(layer.params_ratio),
                 _ratio(layer.macs_ratio),
                 "-" if layer.rel_reconstruction_error is None else f"{layer.rel_reconstruction_error:.3f}",
+                *measured,
                 escape(layer.reason or ""),
             )
         return table
@@ -114,10 +122,23 @@ class Renderer:
                 f"(speedup {lo['median_ms'] / lc['median_ms']:.2f}x)"
             )
 
+    def speed(self, speed: dict | None) -> None:
+        """The end-to-end measurements of the latency-aware selection (guard rounds or budget)."""
+        if not speed or not speed.get("rounds"):
+            return
+        for r in speed["rounds"]:
+            self.console.print(
+                f"end to end with {r['layers']} decomposed layers: {r['original_ms']:.3g} ms -> {r['compressed_ms']:.3g} ms "
+                f"({r['speedup']:.2f}x as fast)"
+            )
+        if "budget" in speed:
+            self.console.print(f"latency budget {speed['budget']}: {'met' if speed['budget_met'] else 'NOT met'}")
+
     def compress_report(self, report) -> None:
         if not self.quiet:
             self.console.print(self.layer_table(report, "Layers"))
             self._skipped(report)
+            self.speed(report.speed)
             self.validation(report.validation)
             for w in report.warnings:
                 self.console.print(f"[yellow]warning:[/] {escape(w)}")

@@ -63,9 +63,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxfactor import _tensorly
 from onnxfactor.config import RankConfig
-from onnxfactor.methods import tucker2
+from onnxfactor.methods import als, tucker2
 from onnxfactor.methods.base import ChainSpec, ConvGeometry, ConvSpec
 from onnxfactor.methods.tucker2 import WeightSpectra, as_three_way, group_slices
 from onnxfactor.ranks import policies
@@ -76,6 +75,11 @@ from onnxfactor.spectral import mode_spectrum, unfold
 #: 1.6 s, error 0.567; 150: 1.7 - 2.0 s, 0.565; 200: 2.3 s, 0.564; 300: 3.5 s, 0.563.
 N_ITER_MAX = 150
 TOL = 1e-8
+#: ALS sweeps per probe of the rank search (:func:`chain_for_error`). tensorly's ALS costs about
+#: 25 ms per sweep even on a 14 x 14 x 9 core (its backend dispatch dominates), and trained
+#: weights plateau early (largest nudenet conv at rank 84: error 0.567 after 100 sweeps, 0.565
+#: after 150), so the search probes with fewer sweeps; the chain is the probe's fit as measured.
+SEARCH_SWEEPS = 40
 #: ALS sweeps on the full weight after a lossy compression (each costs about ``3 R |W|`` flops).
 REFINE_SWEEPS = 5
 #: The GEVD initialisation replaces the SVD one when its relative error is already below this:
@@ -152,22 +156,26 @@ def decompose(
     if geometry.is_pointwise:
         return tucker2.decompose(w, geometry, {"rank": rank}, spectra=spectra)
 
+    groups = group_slices(w, geometry.group)
+    fits = []
+    for gi, wg in enumerate(groups):
+        fitter = CPFitter(wg, variant, known_bases=_known_bases(spectra, gi))
+        fits.append((fitter, *fitter.fit(rank, n_iter_max)))
+    return _cp_chain(fits, geometry, variant, rank)
+
+
+def _cp_chain(fits: list[tuple["CPFitter", np.ndarray, list[np.ndarray]]], geometry: ConvGeometry, variant: str, rank: int) -> ChainSpec:
+    """The chain of per-group fits ``(fitter, lambda, factors)`` at one common ``rank``."""
     g = geometry.group
-    groups = group_slices(w, g)
-    o, i = groups[0].shape[:2]
+    o, i = fits[0][0].three.shape[:2]
     nd = geometry.spatial_dims
     kernel = geometry.kernel_shape
     active = [j for j, k in enumerate(kernel) if k > 1]
-    lams, factor_sets = [], []
-    sq_err, sq_norm = 0.0, 0.0
-    for gi, wg in enumerate(groups):
-        fitter = CPFitter(wg, variant, known_bases=_known_bases(spectra, gi))
-        lam, factors = fitter.fit(rank, n_iter_max)
-        lams.append(lam)
-        factor_sets.append(factors)
-        sq_err += fitter.rel_error(lam, factors) ** 2 * fitter.norm**2
-        sq_norm += fitter.norm**2
+    sq_err = sum(f.rel_error(lam, factors) ** 2 * f.norm**2 for f, lam, factors in fits)
+    sq_norm = sum(f.norm**2 for f, _, _ in fits)
     rel_error = math.sqrt(sq_err / sq_norm) if sq_norm > 0 else 0.0
+    factor_sets = [factors for _, _, factors in fits]
+    lams = [lam for _, lam, _ in fits]
 
     ones = (1,) * nd
     first = np.concatenate([f[1].T for f in factor_sets], axis=0).reshape(g * rank, i, *ones)
@@ -222,7 +230,7 @@ class CPFitter:
     unfoldings (``known_bases`` from the rank-choice spectra, the rest computed). The bases are
     nested (leading singular vectors first), so the compressed core at rank ``R`` is the leading
     ``min(R, n_0) x min(R, n_1) x min(R, n_2)`` block of the rotated tensor: computed once,
-    sliced by every fit (the rank search of :func:`smallest_rank_for_error` fits many ranks).
+    sliced by every fit (the rank search of :func:`chain_for_error` fits many ranks).
 
     For ``cp4`` with two or more spatial axes of kernel > 1 the fit continues on the
     ``O x I x k_0 x ..`` tensor (axes of kernel 1 dropped): each spatial column of the 3-way fit is
@@ -252,6 +260,10 @@ class CPFitter:
             self.bases.append(basis[:, : self.mode_ranks[-1]])
             rotated = np.moveaxis(np.tensordot(rotated, self.bases[-1], axes=([n], [0])), -1, n)
         self.rotated = rotated
+        #: squared singular values of each 3-way unfolding: the rotated tensor's slice energies
+        self.sq_singular_values = [
+            np.sum(rotated**2, axis=tuple(m for m in range(3) if m != n)) for n in range(3)
+        ]
 
     @property
     def max_useful_rank(self) -> int:
@@ -281,13 +293,13 @@ class CPFitter:
         reasons = []
         for label, init in inits.items():
             # the seed fixes the random columns tensorly adds to an SVD init beyond a mode's size
-            lam, factors = _tensorly.parafac(core, rank, init=init, n_iter_max=n_iter_max, tol=TOL, random_state=RETRY_SEED)
+            lam, factors, _ = als.cp_als(core, rank, init, n_iter_max=n_iter_max, tol=TOL, seed=RETRY_SEED)
             factors = [basis[:, :d] @ f for basis, d, f in zip(self.bases, dims, factors)]
             if lossy and REFINE_SWEEPS > 0:
-                lam, factors = _tensorly.parafac(self.three, rank, init=(lam, factors), n_iter_max=REFINE_SWEEPS, tol=0)
+                lam, factors, _ = als.cp_als(self.three, rank, (lam, factors), n_iter_max=REFINE_SWEEPS, tol=0)
             if self.split_shape:
                 lam, factors = _split_spatial(lam, factors, self.split_shape)
-                lam, factors = _tensorly.parafac(self.target, rank, init=(lam, factors), n_iter_max=REFINE_SWEEPS, tol=0)
+                lam, factors, _ = als.cp_als(self.target, rank, (lam, factors), n_iter_max=REFINE_SWEEPS, tol=0)
             lam, factors = normalise(lam, factors)
             reason = degeneracy_reason(lam, factors, self.norm)
             if reason is None:
@@ -428,23 +440,48 @@ def smallest_rank_for_error(
     target_rel_error: float,
     method: str = "cp3",
     *,
-    n_iter_max: int = N_ITER_MAX,
+    n_iter_max: int = SEARCH_SWEEPS,
 ) -> int | None:
     """The smallest CP rank whose fit has ``||W - W_hat|| / ||W|| <= target_rel_error``, or None.
 
-    Bisection over ``R`` in ``[1, R_max]``, ``R_max = max_n min(n, prod(other sizes))`` (the
-    largest unfolding rank, per group; beyond it a CP chain rarely pays off), assuming the error
-    falls with ``R`` (true of optimal fits, nearly so of ALS fits). Each group's singular bases
-    and rotated core are computed once and sliced for every probe. ``None`` when even ``R_max``
-    misses the target. A degenerate probe counts as missing the target. Pointwise convs use the
-    exact SVD tail (no fitting).
+    The rank of :func:`chain_for_error`'s chain (see there for the search and its cost).
+    """
+    chain = chain_for_error(weight, geometry, target_rel_error, method, n_iter_max=n_iter_max)
+    return None if chain is None else int(chain.ranks["rank"])
 
-    Cost: about ``log2(R_max)`` CP fits (8 for ``R_max = 256``), each up to ``N_ITER_MAX`` ALS
-    sweeps on the compressed core plus ``REFINE_SWEEPS`` on the full weight; a fit costs roughly
-    ``R x`` the size of its core per sweep, so the probes at large ``R`` (little compression left)
-    dominate. Largest nudenet 320n conv (256 x 128 x 3 x 3), target 0.5: 8 fits (R = 128: 7.0 s,
-    64: 1.1 s, ..., 109: 3.8 s), 30 s CPU on one core, rank 110; one fit at its VBMF rank 84
-    takes 1.7 s.
+
+def chain_for_error(
+    weight: np.ndarray,
+    geometry: ConvGeometry,
+    target_rel_error: float,
+    method: str = "cp3",
+    *,
+    max_rank: int | None = None,
+    spectra: WeightSpectra | None = None,
+    step: int = 1,
+    n_iter_max: int = SEARCH_SWEEPS,
+) -> ChainSpec | None:
+    """The CP chain of smallest rank ``R <= max_rank`` with relative error ``<= target_rel_error``, or None.
+
+    Only multiples of ``step`` are tried (``--round-to``).
+
+    Galloping search (``R_lo, 2 R_lo, 4 R_lo, ..``) then bisection over ``R`` in ``[R_lo, R_hi]``,
+    assuming the error falls with ``R`` (true of optimal fits, nearly so of ALS fits); the largest
+    rank fitted is at most twice the answer, and fits at small ranks are cheap. ``R_hi = min(max_rank, R_max)``, ``R_max = max_n min(n, prod(other
+    sizes))`` (the largest unfolding rank, per group; beyond it a CP chain rarely pays off).
+    ``R_lo`` is free: every unfolding of a rank-``R`` CP tensor has matrix rank ``<= R``, so by
+    Eckart-Young no CP of rank ``R`` beats the truncated SVD of any unfolding; the ranks whose
+    SVD tails already exceed the target are skipped without fitting (and when ``R_hi`` is among
+    them, no fit runs at all: that is what makes ``--method auto`` cheap on layers where CP
+    cannot win). Each group's singular bases and rotated core are computed once and sliced for
+    every probe; the chain is the last probe that met the target (no re-fit). A degenerate probe
+    counts as missing the target. Pointwise convs use the exact SVD tail (no fitting).
+
+    Cost: about ``2 log2(R / R_lo)`` CP fits, each up to ``n_iter_max`` ALS sweeps on the
+    compressed core plus ``REFINE_SWEEPS`` on the full weight; a fit costs roughly ``R x`` the
+    size of its core per sweep, so the probes at the largest ranks dominate. For scale: on the
+    largest nudenet 320n conv (256 x 128 x 3 x 3) one fit at rank 128 takes 7.0 s, at its VBMF
+    rank 84 1.7 s, at 64 1.1 s (CPU, one core).
     """
     if method not in VARIANTS:
         raise ValueError(f"unknown CP variant {method!r}; choose one of {', '.join(VARIANTS)}")
@@ -453,33 +490,70 @@ def smallest_rank_for_error(
     w = np.asarray(weight, dtype=np.float32)
     groups = group_slices(w, geometry.group)
     if geometry.is_pointwise:
-        return _svd_rank_for_error(groups, target_rel_error)
-    tensors = [CPFitter(wg, method) for wg in groups]
-    sq_norm = sum(t.norm**2 for t in tensors)
-    if sq_norm == 0.0:
-        return 1
+        rank = _svd_rank_for_error(groups, target_rel_error)
+        if rank is None or (max_rank is not None and rank > max_rank):
+            return None
+        return tucker2.decompose(w, geometry, {"rank": rank}, spectra=spectra)
+    fitters = [CPFitter(wg, method, known_bases=_known_bases(spectra, gi)) for gi, wg in enumerate(groups)]
+    sq_norm = sum(f.norm**2 for f in fitters)
+    r_hi = max(f.max_useful_rank for f in fitters)
+    if max_rank is not None:
+        r_hi = min(r_hi, max_rank)
+    r_lo = 1 if sq_norm == 0.0 else _eckart_young_rank(fitters, target_rel_error)
+    # search over units of ``step``: rank = unit * step
+    r_lo, r_hi = -(-r_lo // step), r_hi // step
+    if r_lo > r_hi or r_hi < 1:
+        return None
+    found: dict[int, ChainSpec] = {}
 
-    def meets(rank: int) -> bool:
-        sq_err = 0.0
-        for t in tensors:
-            try:
-                lam, factors = t.fit(rank, n_iter_max)
-            except DegenerateFit:
-                return False
-            sq_err += t.rel_error(lam, factors) ** 2 * t.norm**2
-        return math.sqrt(sq_err / sq_norm) <= target_rel_error
+    def meets(unit: int) -> bool:
+        rank = unit * step
+        try:
+            fits = [(f, *f.fit(rank, n_iter_max)) for f in fitters]
+        except DegenerateFit:
+            return False
+        chain = _cp_chain(fits, geometry, method, rank)
+        if chain.rel_error <= target_rel_error:
+            found[unit] = chain
+            return True
+        return False
 
-    r_max = max(t.max_useful_rank for t in tensors)
-    lo, hi = 0, r_max  # invariant: lo misses the target, hi meets it (hi = r_max unverified)
+    # Galloping from R_lo (fits at small ranks are cheap), then bisection between the last miss
+    # and the first hit: the largest rank fitted is at most twice the answer.
+    lo, hi = r_lo - 1, None  # lo misses the target (or is 0); hi meets it
+    probe = r_lo
+    while hi is None:
+        if meets(probe):
+            hi = probe
+        elif probe >= r_hi:
+            return None
+        else:
+            lo, probe = probe, min(2 * probe, r_hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if meets(mid):
             hi = mid
         else:
             lo = mid
-    if hi == r_max and not meets(r_max):
-        return None
-    return hi
+    return found[hi]
+
+
+def _eckart_young_rank(fitters: list["CPFitter"], target: float) -> int:
+    """The smallest ``R`` at which every unfolding's truncated SVD (summed over groups) meets ``target``.
+
+    A lower bound on the CP rank meeting it: a rank-``R`` CP has unfoldings of matrix rank ``<= R``.
+    """
+    sq_norm = sum(f.norm**2 for f in fitters)
+    bound = 1
+    for n in range(3):
+        size = max(f.sq_singular_values[n].size for f in fitters)
+        sq = np.zeros(size)
+        for f in fitters:
+            sq[: f.sq_singular_values[n].size] += f.sq_singular_values[n]
+        tail = np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])  # tail[r] = sum_{k >= r} s_k^2
+        ok = np.nonzero(np.sqrt(np.clip(tail, 0.0, None) / sq_norm) <= target)[0]
+        bound = max(bound, int(ok[0]) if ok.size else size)
+    return bound
 
 
 def _svd_rank_for_error(groups: list[np.ndarray], target: float) -> int | None:
@@ -516,8 +590,13 @@ class CPMethod:
     def decompose(self, weight, geometry, ranks, *, spectra=None, hooi_iters: int = 0) -> ChainSpec:
         return decompose(weight, geometry, ranks, spectra=spectra, hooi_iters=hooi_iters, variant=self.name)
 
-    def smallest_rank_for_error(self, weight, geometry, target_rel_error: float) -> int | None:
-        return smallest_rank_for_error(weight, geometry, target_rel_error, self.name)
+    def chain_for_error(self, weight, geometry, target, *, spectra, cost, max_cost=None, step: int = 1) -> ChainSpec | None:
+        """The cheapest (= lowest-rank) chain meeting ``target`` whose cost is below ``max_cost``."""
+        limit = cost.original() if max_cost is None else min(max_cost, cost.original())
+        max_rank = math.ceil(limit / cost.cp_per_rank(self.name)) - 1  # cost(R) < limit
+        if max_rank < 1:
+            return None
+        return chain_for_error(weight, geometry, target, self.name, max_rank=max_rank, spectra=spectra, step=step)
 
 
 CP3 = CPMethod("cp3")

@@ -215,3 +215,15 @@ def _svd_chain(w, geometry, rank: int, spectra: WeightSpectra) -> ChainSpec:
         ),
         rel_error=_projection_error(sq_norm, sq_kept),
     )
+
+
+def chain_for_error(weight, geometry, target, *, spectra, cost, max_cost=None, step: int = 1) -> ChainSpec | None:
+    """The cheapest Tucker-2 (SVD for pointwise) chain with relative error ``<= target``, or None.
+
+    Exhaustive over the rank grid; see :mod:`onnxfactor.methods.search`.
+    """
+    from onnxfactor.methods import search  # imports this module: not at the top
+
+    return search.tucker_chain_for_error(
+        decompose, weight, geometry, target, spectra=spectra, cost=cost, max_cost=max_cost, step=step
+    )

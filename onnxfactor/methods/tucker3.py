@@ -126,3 +126,13 @@ def decompose(
         convs=tuple(convs),
         rel_error=tucker2._projection_error(sq_norm, sq_kept),
     )
+
+
+def chain_for_error(weight, geometry, target, *, spectra, cost, max_cost=None, step: int = 1) -> ChainSpec | None:
+    """The cheapest spatial-Tucker chain with relative error ``<= target``, or None (exhaustive grid,
+    see :mod:`onnxfactor.methods.search`)."""
+    from onnxfactor.methods import search  # imports tucker2: not at the top
+
+    return search.tucker_chain_for_error(
+        decompose, weight, geometry, target, spectra=spectra, cost=cost, max_cost=max_cost, step=step, spatial=True
+    )

@@ -337,8 +337,10 @@ def test_bad_rank_file(work, kind):
         (["--provider", "nope"], ["'nope'", "available:", "CPUExecutionProvider"]),
         (["--data", "nope.npz"], ["--data", "nope.npz"]),
         (["--ranks", "file"], ["--rank-file"]),
+        (["--target-speedup", "2", "--no-measure"], ["--target-speedup", "--no-measure"]),
+        (["--target-speedup", "2", "--max-latency-ms", "3"], ["--target-speedup", "--max-latency-ms", "not both"]),
     ],
-    ids=["input_shape_spec", "input_shape_name", "provider", "data_missing", "ranks_file_without_file"],
+    ids=["input_shape_spec", "input_shape_name", "provider", "data_missing", "ranks_file_without_file", "budget_without_measure", "two_budgets"],
 )
 def test_bad_option(work, args, fragments):
     before = listing(work)
@@ -380,7 +382,8 @@ def compressed(assets, tmp_path_factory):
     for name in ("tiny.onnx", "data.npz"):
         shutil.copy(assets / name, work / name)
     digest = sha256(work / "tiny.onnx")
-    proc = cli("compress", "tiny.onnx", "out.onnx", "--data", "data.npz", "--report", "r.json", cwd=work)
+    # --no-measure: decisions by MACs, so the figures below do not depend on this machine's timings
+    proc = cli("compress", "tiny.onnx", "out.onnx", "--data", "data.npz", "--report", "r.json", "--no-measure", cwd=work)
     return work, proc, digest, listing(work)
 
 
@@ -420,9 +423,26 @@ def test_compress(compressed):
     assert validation["latency_original"]["runs"] == 50 and validation["latency_compressed"]["runs"] == 50
 
 
+def test_compress_measured_never_writes_a_model_it_measured_slower(work):
+    """The default (--measure): real ONNX Runtime timings, so only the guard's invariant is asserted."""
+    proc = cli("compress", "tiny.onnx", "out.onnx", "--report", "r.json", "--latency-runs", "0", "--threads", "1", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((work / "r.json").read_text())
+    (layer,) = report["layers"]
+    assert layer["latency"]["original_ms"] > 0 and layer["latency"]["chain_ms"] > 0
+    assert len(layer["latency"]["options"]) >= 2  # the VBMF ranks (8, 8) and rounded to 16
+    assert report["speed"]["threads"] == 1 and report["speed"]["providers"] == ["CPUExecutionProvider"]
+    if layer["status"] == "decomposed":
+        assert report["speed"]["rounds"][-1]["speedup"] >= 1.0
+        assert "end to end with 1 decomposed layers" in proc.stdout
+    else:
+        assert layer["reason"].startswith(("measured not faster", "rolled back by the end-to-end guard"))
+        assert [n.op_type for n in onnx.load(str(work / "out.onnx")).graph.node].count("Conv") == 1
+
+
 def test_compress_max_rel_error_miss_writes_no_model(work):
     before = listing(work)
-    proc = cli("compress", "tiny.onnx", "out.onnx", "--max-rel-error", "1e-9", "--report", "r.json", "--latency-runs", "0", cwd=work)
+    proc = cli("compress", "tiny.onnx", "out.onnx", "--max-rel-error", "1e-9", "--report", "r.json", "--latency-runs", "0", "--no-measure", cwd=work)
     assert_user_error(proc, 3, "exceeds --max-rel-error 1e-09", "no model written")
     assert listing(work) == sorted(before + ["r.json"])  # the report, no model, no temporary file
     report = json.loads((work / "r.json").read_text())
@@ -449,6 +469,17 @@ def test_analyze(work):
     assert set(modes) == {"out", "in"}
     assert modes["out"]["vbmf_rank"] == RANK_OUT and modes["in"]["vbmf_rank"] == RANK_IN
     assert all(isinstance(m["sigma2"], float) and m["sigma2"] > 0 for m in modes.values())
+
+
+def test_analyze_auto_method_with_the_error_policy(work):
+    proc = cli("analyze", "tiny.onnx", "--method", "auto", "--ranks", "error", "--target-error", "0.05", "--report", "a.json", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    (layer,) = json.loads((work / "a.json").read_text())["layers"]
+    assert layer["status"] == "would decompose" and layer["rel_reconstruction_error"] <= 0.05
+    assert [c["method"] for c in layer["candidates"]] == ["tucker2", "cp3", "cp4", "tucker3"]
+    winner = min((c for c in layer["candidates"] if "macs" in c), key=lambda c: c["macs"])
+    assert layer["ranks"] == winner["ranks"] and layer["macs_after"] == winner["macs"]
+    assert all(m["note"].startswith("cheapest chain with relative error <= 0.05 (auto: ") for m in layer["modes"])
 
 
 def test_validate(compressed):

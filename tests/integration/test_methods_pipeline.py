@@ -75,3 +75,85 @@ def test_alexnet_group2_with_cp_and_spatial_tucker(method):
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
     (expected,), (got,) = run_ort(model, {model.graph.input[0].name: x})[:1], run_ort(compressed, {model.graph.input[0].name: x})[:1]
     assert got.shape == expected.shape and np.isfinite(got).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# --method auto and the error policy
+
+
+def test_auto_picks_cp_for_an_exact_cp_weight_and_keeps_the_output():
+    from tests.unit.test_cp import exact_cp3
+
+    rng = np.random.default_rng(11)
+    weight = exact_cp3(rng, 16, 16, (3, 3), 3).astype(np.float32)
+    model = make_conv_model(c_in=16, c_out=16, kernel=(3, 3), spatial=(12, 12), pads=[1, 1, 1, 1], weight=weight)
+    config = CompressConfig(ranks=RankConfig(policy="error", target_error=1e-3), method="auto")
+    compressed, report = compress(model, config=config)
+    (layer,) = report.decomposed
+    # rank-3 CP: 3 * (16 + 9 + 16) MACs per pixel, against Tucker-2's (3, 3): 16*3 + 3*3*9 + 3*16
+    assert layer.method == "cp3" and layer.ranks == {"rank": 3}
+    assert {c["method"] for c in layer.candidates} == set(METHODS)
+    assert layer.rel_reconstruction_error <= 1e-3
+    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
+    (expected,), (got,) = run_ort(model, {"x": x}), run_ort(compressed, {"x": x})
+    assert rel_l2(expected, got) <= 2e-3
+
+
+def test_auto_is_never_worse_than_tucker2_at_the_policy_ranks():
+    ranks = RankConfig(policy="weakened", weaken=0.6)
+    _, plain = compress(MODELS / "fashion_cnn.onnx", config=CompressConfig(ranks=ranks, method="tucker2"))
+    _, auto = compress(MODELS / "fashion_cnn.onnx", config=CompressConfig(ranks=ranks, method="auto"))
+    reference = {layer.name: layer for layer in plain.decomposed}
+    assert {layer.name for layer in auto.decomposed} == set(reference)
+    for layer in auto.decomposed:
+        ref = reference[layer.name]
+        assert layer.rel_reconstruction_error <= ref.rel_reconstruction_error + 1e-9
+        assert layer.macs_after <= ref.macs_after
+        assert layer.candidates[0]["method"] == "tucker2" and layer.candidates[0]["macs"] == ref.macs_after
+    assert auto.totals.conv_macs_after < plain.totals.conv_macs_after
+    assert {layer.method for layer in auto.decomposed} - {"tucker2"}  # some layer is cheaper as another method
+
+
+@pytest.mark.parametrize("method", ["tucker2", "tucker3", "cp3"])
+def test_error_policy_meets_the_target_on_every_decomposed_layer(method):
+    config = CompressConfig(ranks=RankConfig(policy="error", target_error=0.45), method=method)
+    model, report = compress(MODELS / "fashion_cnn.onnx", config=config)
+    for layer in report.layers:
+        if layer.status == "decomposed":
+            assert layer.rel_reconstruction_error <= 0.45
+            assert all(m["note"].startswith("cheapest chain with relative error <= 0.45") for m in layer.modes)
+        else:
+            assert "relative error <= 0.45" in layer.reason or "--min-reduction" in layer.reason
+    if method == "tucker2":
+        assert len(report.decomposed) >= 4
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_auto_with_a_rank_file_is_a_usage_error(tmp_path):
+    from onnxfactor.errors import UsageError
+
+    (tmp_path / "r.json").write_text("{}")
+    with pytest.raises(UsageError, match="rank file gives the ranks of one method"):
+        compress(MODELS / "fashion_cnn.onnx", config=CompressConfig(ranks=RankConfig(policy="file", rank_file=tmp_path / "r.json"), method="auto"))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_nudenet_with_every_method(method, tmp_path):
+    """The real YOLOv8n detector (64 Conv) with each method at weakened VBMF ranks: checker, ORT run, errors."""
+    from onnxfactor.pipeline import check_written_model
+
+    path = model_zoo.nudenet_320n()
+    config = CompressConfig(ranks=RankConfig(policy="weakened", weaken=0.6), method=method)
+    model, report = compress(path, config=config)
+    assert len(report.decomposed) >= 50, [(l.name, l.reason) for l in report.kept]
+    for layer in report.decomposed:
+        assert layer.method in (method, "svd") or (layer.fallback and layer.method == "tucker2")
+        assert 0 <= layer.rel_reconstruction_error < 0.8
+    assert sum(1 for layer in report.decomposed if layer.fallback) <= 2
+    out = tmp_path / "out.onnx"
+    onnx.save(model, str(out))
+    check_written_model(out, path)
+    x = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
+    (expected,), (got,) = run_ort(path, {"images": x}), run_ort(out, {"images": x})
+    assert got.shape == expected.shape and np.isfinite(got).all()
+    assert rel_l2(expected, got) < 0.5

@@ -1,0 +1,315 @@
+"""Measured speed decides: keep a decomposed layer only if it is faster, never write a slower model.
+
+The pipeline hands over one :class:`Candidate` per Conv whose chain passed the rank choice and the
+MAC/parameter margin. With a :class:`~onnxfactor.latency.Timer` (ONNX Runtime in practice, a fake
+one in tests) this module
+
+1. :func:`select_faster_layers` times every candidate's Conv against its chain alone, at the
+   layer's real input shape (:func:`onnxfactor.latency.time_layer`), together with the chain's
+   rank-rounded variants (ranks rounded up to multiples of 8 and 16: the reconstruction error can
+   only fall) and keeps the fastest variant if it beats the Conv by ``1 + margin``; otherwise
+   the layer is kept undecomposed, with both timings in its reason;
+2. :func:`guard_end_to_end` times the original and the rewritten model end to end; while the
+   rewritten one is not faster, it rolls back the layers that saved the least measured time (a
+   quarter of the remaining ones per round, at least one) and measures again;
+3. :func:`meet_budget` (``--target-speedup`` / ``--max-latency-ms``) picks, per layer, one of
+   several weakening levels of the VBMF ranks (or none) to reach the budget with the smallest sum
+   of squared reconstruction errors: greedily by measured time saved per unit of added error,
+   then checked end to end and tightened until the measurement meets the budget or every option
+   is used.
+
+Layers inside control-flow subgraphs (or without a known input shape) cannot be timed alone: they
+are kept as decided by MACs and count in the end-to-end guard like the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+
+from onnxfactor.analysis import ConvSite
+from onnxfactor.latency import LayerTiming, Timer, time_layer
+from onnxfactor.methods.base import ChainSpec
+from onnxfactor.report import LayerReport
+
+#: Steps the rank search rounds ranks up to (ONNX Runtime's NCHWc blocks are 8 or 16 channels).
+ROUNDING_STEPS = (8, 16)
+#: Share of the remaining decomposed layers rolled back per round of the end-to-end guard.
+ROLLBACK_SHARE = 0.25
+
+
+@dataclass
+class Candidate:
+    """One Conv that would be decomposed: its site, report row and chain options (first = chosen)."""
+
+    site: ConvSite
+    layer: LayerReport
+    options: list[ChainSpec]
+    chain: ChainSpec | None = None      # the chain applied; None = kept
+    timing: LayerTiming | None = None   # of ``chain`` (or of the best option when kept)
+    #: per-option timings, parallel to ``options`` (None: not timed)
+    option_timings: list[LayerTiming | None] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.chain is None and self.options:
+            self.chain = self.options[0]
+
+    @property
+    def timed(self) -> bool:
+        return self.timing is not None
+
+    @property
+    def saved_ms(self) -> float | None:
+        return None if self.timing is None else self.timing.original_ms - self.timing.chain_ms
+
+
+def rounded_ranks(ranks: dict, sizes: dict, step: int) -> dict | None:
+    """``ranks`` with every decomposed rank rounded up to a multiple of ``step``; None if unchanged.
+
+    ``sizes`` maps each mode to its size: a rank reaching it means the mode is not decomposed
+    (``None``); the ``"rank"`` of CP / SVD is capped at its size instead. None also when nothing
+    would be decomposed any more.
+    """
+    out = {}
+    for mode, rank in ranks.items():
+        if rank is None or mode == "spatial":  # the spatial rank is no channel count
+            out[mode] = rank
+            continue
+        r = min(math.ceil(rank / step) * step, sizes[mode])
+        out[mode] = None if r >= sizes[mode] and mode != "rank" else r
+    if out == ranks or all(r is None for r in out.values()):
+        return None
+    return out
+
+
+def _apply_timing(candidate: Candidate, index: int) -> None:
+    """Make option ``index`` the candidate's chain and refresh its report row."""
+    chain, layer, site = candidate.options[index], candidate.layer, candidate.site
+    candidate.chain, candidate.timing = chain, candidate.option_timings[index]
+    layer.ranks = dict(chain.ranks)
+    layer.params_after = chain.params
+    if site.in_spatial is not None and site.out_spatial is not None:
+        layer.macs_after = chain.macs(site.in_spatial, site.out_spatial)
+    layer.rel_reconstruction_error = chain.rel_error
+
+
+def select_faster_layers(
+    candidates: list[Candidate], timer: Timer, *, margin: float, opset: int | None = None, progress: Callable | None = None
+) -> None:
+    """Time each candidate's options; keep the fastest if it is ``1 + margin`` times as fast, else drop it.
+
+    Updates each candidate (``chain``, ``timing``) and its report row (ranks, counts, ``latency``,
+    and ``reason`` when dropped). Candidates that cannot be timed stay as they are.
+    """
+    for done, candidate in enumerate(candidates, 1):
+        site = candidate.site
+        if site.graph_path or site.input_shape is None or not all(isinstance(d, int) and d > 0 for d in site.input_shape):
+            candidate.layer.latency = {"note": "not timed (inside a subgraph or input shape unknown): kept by MACs"}
+            continue
+        try:
+            candidate.option_timings = [time_layer(timer, site, chain, opset=opset) for chain in candidate.options]
+        except Exception as e:  # noqa: BLE001 - e.g. an op or dtype the provider cannot run alone
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            candidate.layer.latency = {"note": f"not timed ({reason}): kept by MACs"}
+            continue
+        best = max(range(len(candidate.options)), key=lambda k: candidate.option_timings[k].speedup)
+        _apply_timing(candidate, best)
+        timing = candidate.timing
+        candidate.layer.latency = {
+            **timing.to_dict(),
+            "options": [
+                {"ranks": dict(c.ranks), "rel_error": c.rel_error, **t.to_dict()}
+                for c, t in zip(candidate.options, candidate.option_timings)
+            ],
+        }
+        if timing.speedup < 1.0 + margin:
+            candidate.chain = None
+            candidate.layer.reason = (
+                f"measured not faster: {timing.original_ms:.3g} ms -> {timing.chain_ms:.3g} ms "
+                f"({timing.speedup:.2f}x, needs {1 + margin:.2f}x; --speed-margin)"
+            )
+        if progress is not None:
+            progress(done, len(candidates), site.name)
+
+
+@dataclass
+class GuardResult:
+    """The end-to-end measurements of the guard, in order (the last one describes the output)."""
+
+    rounds: list[dict] = field(default_factory=list)
+    model: onnx.ModelProto | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        return self.rounds[-1]["speedup"] if self.rounds else None
+
+    def to_dict(self) -> dict:
+        return {"rounds": self.rounds, "speedup": self.speedup}
+
+
+def _usefulness(candidates: list[Candidate]) -> list[Candidate]:
+    """Applied candidates, least useful first: measured time saved; untimed ones by MACs saved,
+    converted to ms at the timed layers' average ms per MAC (or by MACs alone if none was timed)."""
+    applied = [c for c in candidates if c.chain is not None]
+    timed = [c for c in applied if c.timed and c.layer.macs_before]
+    ms_per_mac = None
+    if timed:
+        ms_per_mac = sum(c.timing.original_ms for c in timed) / sum(c.layer.macs_before for c in timed)
+
+    def saved(c: Candidate) -> float:
+        if c.timed:
+            return c.saved_ms
+        macs = (c.layer.macs_before or 0) - (c.layer.macs_after or 0)
+        return macs * ms_per_mac if ms_per_mac is not None else float(macs)
+
+    return sorted(applied, key=saved)
+
+
+def guard_end_to_end(
+    candidates: list[Candidate],
+    build: Callable[[list[Candidate]], onnx.ModelProto],
+    original: onnx.ModelProto,
+    feeds: dict,
+    timer: Timer,
+    *,
+    allow_slower: bool = False,
+) -> GuardResult:
+    """Roll back the least useful layers until the rewritten model is faster than ``original``.
+
+    ``build(applied)`` returns the model with exactly the applied candidates' chains. Rolled-back
+    candidates get ``chain = None`` and a reason. The result's ``model`` is the last model built
+    (the one the last measurement describes), with nothing rolled back when ``allow_slower``.
+    """
+    result = GuardResult()
+    while True:
+        applied = [c for c in candidates if c.chain is not None]
+        model = build(applied)
+        pair = timer.time_pair(original, model, feeds)
+        speedup = pair.a_ms / pair.b_ms if pair.b_ms > 0 else math.inf
+        result.rounds.append({"layers": len(applied), "original_ms": pair.a_ms, "compressed_ms": pair.b_ms, "speedup": speedup})
+        result.model = model
+        if speedup >= 1.0 or allow_slower or not applied:
+            return result
+        order = _usefulness(candidates)
+        count = max(1, math.ceil(ROLLBACK_SHARE * len(order)))
+        for c in order[:count]:
+            c.chain = None
+            c.layer.reason = (
+                f"rolled back by the end-to-end guard: with {len(applied)} decomposed layers the model ran "
+                f"{speedup:.2f}x as fast as the original (--allow-slower keeps it)"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# Latency budget
+
+
+@dataclass
+class Option:
+    """One way to decompose a layer for the budget: a chain and its measured saving."""
+
+    level: float            # the VBMF weakening factor it came from
+    chain: ChainSpec
+    timing: LayerTiming | None
+
+    @property
+    def saved_ms(self) -> float:
+        return 0.0 if self.timing is None else self.timing.original_ms - self.timing.chain_ms
+
+    @property
+    def loss(self) -> float:
+        return (self.chain.rel_error or 0.0) ** 2
+
+
+def meet_budget(
+    candidates: list[Candidate],
+    levels: dict[str, list[Option]],
+    build: Callable[[list[Candidate]], onnx.ModelProto],
+    original: onnx.ModelProto,
+    feeds: dict,
+    timer: Timer,
+    *,
+    target_speedup: float | None = None,
+    max_latency_ms: float | None = None,
+) -> tuple[GuardResult, bool]:
+    """Choose per layer an option of ``levels[name]`` (or none) to meet the budget with the least loss.
+
+    Greedy: from "nothing decomposed", repeatedly upgrade the layer whose next option adds the most
+    measured saving per unit of added loss (squared reconstruction error), until the predicted
+    latency ``T_original - sum(saved)`` meets the budget. Then build and measure end to end; if the
+    measurement misses, the predicted requirement is scaled by the shortfall and the greedy goes on.
+    Returns the guard-style measurements and whether the budget was met; the candidates' chains
+    are the final choice (when the budget is out of reach: every useful option, the fastest model).
+    """
+    if (target_speedup is None) == (max_latency_ms is None):
+        raise ValueError("give exactly one of target_speedup and max_latency_ms")
+    by_name = {c.site.name: c for c in candidates}
+    # per layer, options that save time, ordered by saving; a Pareto walk from none upwards
+    ladders = {}
+    for name, opts in levels.items():
+        useful = sorted((o for o in opts if o.saved_ms > 0), key=lambda o: (o.saved_ms, -o.loss))
+        walk, best_loss = [], math.inf
+        for o in reversed(useful):  # keep options not dominated (more saving, less loss)
+            if o.loss < best_loss:
+                walk.append(o)
+                best_loss = o.loss
+        ladders[name] = list(reversed(walk))  # from least saving (least loss) to most
+    chosen: dict[str, int] = {}  # name -> index in its ladder
+    for c in candidates:
+        c.chain, c.timing = None, None
+        c.layer.reason = "not needed for the latency budget"
+
+    result = GuardResult()
+    first = timer.time_pair(original, original, feeds)
+    t_original = first.a_ms
+    goal = t_original / target_speedup if target_speedup is not None else max_latency_ms
+    needed = t_original - goal  # ms to save, as predicted from per-layer savings
+    scale = 1.0
+    while True:
+        saved = sum(ladders[n][i].saved_ms for n, i in chosen.items())
+        while saved < needed * scale:
+            step = None
+            for name, ladder in ladders.items():
+                i = chosen.get(name, -1)
+                if i + 1 >= len(ladder):
+                    continue
+                prev = ladder[i] if i >= 0 else None
+                gain = ladder[i + 1].saved_ms - (prev.saved_ms if prev else 0.0)
+                cost = ladder[i + 1].loss - (prev.loss if prev else 0.0)
+                score = gain / max(cost, 1e-12)
+                if gain > 0 and (step is None or score > step[0]):
+                    step = (score, name, i + 1)
+            if step is None:
+                break
+            _, name, i = step
+            chosen[name] = i
+            saved = sum(ladders[n][j].saved_ms for n, j in chosen.items())
+        for name, i in chosen.items():
+            option, c = ladders[name][i], by_name[name]
+            c.options, c.option_timings = [option.chain], [option.timing]
+            _apply_timing(c, 0)
+            c.layer.reason = None
+            c.layer.latency = {**option.timing.to_dict(), "weaken": option.level} if option.timing else {"weaken": option.level}
+        applied = [c for c in candidates if c.chain is not None]
+        model = build(applied)
+        pair = timer.time_pair(original, model, feeds)
+        speedup = pair.a_ms / pair.b_ms if pair.b_ms > 0 else math.inf
+        result.rounds.append({"layers": len(applied), "original_ms": pair.a_ms, "compressed_ms": pair.b_ms, "speedup": speedup,
+                              "predicted_saving_ms": saved})
+        result.model = model
+        met = pair.b_ms <= (pair.a_ms / target_speedup if target_speedup is not None else max_latency_ms)
+        exhausted = all(chosen.get(n, -1) + 1 >= len(ladder) for n, ladder in ladders.items())
+        if met or exhausted:
+            return result, met
+        # the per-layer savings over-predicted: ask for proportionally more
+        real_saving = max(pair.a_ms - pair.b_ms, 1e-9)
+        scale *= max(1.1, min(3.0, saved / real_saving if saved > 0 else 2.0))
+
+
+def replace_level(ranks_config, level: float):
+    """The rank config of one budget level: VBMF weakened by ``level``."""
+    return dataclasses.replace(ranks_config, policy="weakened", weaken=level)
