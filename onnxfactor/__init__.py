@@ -1,4 +1,4 @@
-"""onnxfactor: compress the Conv layers of ONNX models by Tucker-2 decomposition at VBMF ranks.
+"""onnxfactor: compress the Conv layers of ONNX models by tensor decomposition at VBMF ranks, measured in ONNX Runtime.
 
 Public API::
 
@@ -24,6 +24,7 @@ _EXPORTS = {
     "ValidationOptions": "onnxfactor.pipeline",
     "CompressConfig": "onnxfactor.config",
     "RankConfig": "onnxfactor.config",
+    "LatencyConfig": "onnxfactor.config",
     "CompressReport": "onnxfactor.report",
     "LayerReport": "onnxfactor.report",
     "OnnxFactorError": "onnxfactor.errors",

@@ -27,29 +27,43 @@ sys.path.insert(0, str(ROOT))
 CACHE = ROOT / "out" / "bench"
 
 
-def model_paths() -> dict[str, Path]:
-    """Real model files; light models get random structured weights, written once to out/bench/."""
+def _light_random(name: str) -> Path:
+    """The onnx wheel's light_<name> model with random structured weights, written once to out/bench/."""
     from tools import model_zoo
 
-    paths = {
-        "fashion_cnn": ROOT / "models" / "fashion_cnn.onnx",
-        "nudenet_320n": model_zoo.nudenet_320n(),
-        "ppocr_det": model_zoo.ppocr("det"),
-        "ppocr_rec": model_zoo.ppocr("rec"),
+    target = CACHE / f"light_{name}_random.onnx"
+    if not target.exists():
+        import onnx
+
+        from onnxfactor import io
+
+        loaded = io.load_model(model_zoo.light_model(name))
+        model = io.restore_conventions(model_zoo.with_random_weights(loaded.model, seed=0), loaded.ir_version)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(target))
+    return target
+
+
+def model_paths(names=None) -> dict[str, Path]:
+    """Real model files by name (all of them by default); only the requested ones are located.
+
+    Light models get random structured weights, written once to out/bench/.
+    """
+    from tools import model_zoo
+
+    locate = {
+        "fashion_cnn": lambda: ROOT / "models" / "fashion_cnn.onnx",
+        "nudenet_320n": model_zoo.nudenet_320n,
+        "ppocr_det": lambda: model_zoo.ppocr("det"),
+        "ppocr_rec": lambda: model_zoo.ppocr("rec"),
+        "light_resnet50": lambda: _light_random("resnet50"),
+        "light_vgg19": lambda: _light_random("vgg19"),
     }
-    for name in ("resnet50", "vgg19"):
-        target = CACHE / f"light_{name}_random.onnx"
-        if not target.exists():
-            import onnx
-
-            from onnxfactor import io
-
-            loaded = io.load_model(model_zoo.light_model(name))
-            model = io.restore_conventions(model_zoo.with_random_weights(loaded.model, seed=0), loaded.ir_version)
-            CACHE.mkdir(parents=True, exist_ok=True)
-            onnx.save(model, str(target))
-        paths[f"light_{name}"] = target
-    return paths
+    names = list(locate) if names is None else list(names)
+    unknown = [n for n in names if n not in locate]
+    if unknown:
+        raise KeyError(f"unknown model {', '.join(unknown)}; choose from {', '.join(locate)}")
+    return {name: locate[name]() for name in names}
 
 
 SHAPES = {"ppocr_det": ["x=1x3x640x640"], "ppocr_rec": ["x=1x3x48x320"]}
