@@ -428,7 +428,7 @@ def compress(
     speed = None
     if measuring and candidates:
         t = time.perf_counter()
-        out, speed = _measured_selection(prep, decomposer, candidates, config, timer)
+        out, speed = _measured_selection(prep, decomposer, candidates, config, timer, progress)
         timings["latency"] = time.perf_counter() - t
     else:
         out = _build(prep, candidates, in_place=True, hooi_iters=config.hooi_iters)
@@ -485,7 +485,7 @@ def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi
     return model_io.restore_conventions(out, prep.loaded.ir_version)
 
 
-def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate], config: CompressConfig, timer):
+def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate], config: CompressConfig, timer, progress=None):
     """Per-layer timing, then the end-to-end guard or the latency budget; returns (model, speed dict)."""
     from onnxfactor.latency import OrtTimer
     from onnxfactor.validation import make_inputs, resolve_providers
@@ -510,22 +510,27 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
             target_speedup=latency.target_speedup, max_latency_ms=latency.max_latency_ms,
         )
         goal = f"{latency.target_speedup:g}x" if latency.target_speedup is not None else f"{latency.max_latency_ms:g} ms"
-        speed.update(budget=goal, budget_met=met, **result.to_dict())
         if not met:
             last = result.rounds[-1]
             speed["warning"] = (
                 f"latency budget {goal} is out of reach: the fastest model found runs {last['compressed_ms']:.3g} ms "
                 f"against {last['original_ms']:.3g} ms ({last['speedup']:.2f}x) with every useful layer at its fastest option"
             )
+            if last["speedup"] < 1.0 and not latency.allow_slower:  # never slower: the guard rolls back
+                guarded = guard_end_to_end(candidates, build, original, feeds, timer, margin=latency.margin)
+                result.rounds += guarded.rounds
+                result.model = guarded.model
+        speed.update(budget=goal, budget_met=met, **result.to_dict())
         return result.model, speed
-    select_faster_layers(candidates, timer, margin=latency.margin, opset=opset)
+    select_faster_layers(candidates, timer, margin=latency.margin, opset=opset,
+                         progress=(lambda d, n, name: progress(d, n, f"timing {name}")) if progress else None)
     if not latency.guard:
         return _build(prep, candidates, in_place=True, hooi_iters=config.hooi_iters), speed
     result = guard_end_to_end(
-        candidates, build, original, feeds, timer, allow_slower=latency.allow_slower
+        candidates, build, original, feeds, timer, allow_slower=latency.allow_slower, margin=latency.margin
     )
     speed.update(result.to_dict())
-    if result.speedup is not None and result.speedup < 1.0:
+    if result.speedup is not None and result.speedup < 1.0 + latency.margin and result.rounds[-1]["layers"]:
         speed["warning"] = f"the compressed model measured {result.speedup:.2f}x as fast as the original (kept: --allow-slower)"
     return result.model, speed
 

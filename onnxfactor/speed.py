@@ -10,7 +10,7 @@ one in tests) this module
    only fall) and keeps the fastest variant if it beats the Conv by ``1 + margin``; otherwise
    the layer is kept undecomposed, with both timings in its reason;
 2. :func:`guard_end_to_end` times the original and the rewritten model end to end; while the
-   rewritten one is not faster, it rolls back the layers that saved the least measured time (a
+   rewritten one is not ``1 + margin`` times as fast, it rolls back the layers that saved the least measured time (a
    quarter of the remaining ones per round, at least one) and measures again;
 3. :func:`meet_budget` (``--target-speedup`` / ``--max-latency-ms``) picks, per layer, one of
    several weakening levels of the VBMF ranks (or none) to reach the budget with the smallest sum
@@ -177,10 +177,13 @@ def guard_end_to_end(
     timer: Timer,
     *,
     allow_slower: bool = False,
+    margin: float = 0.0,
 ) -> GuardResult:
-    """Roll back the least useful layers until the rewritten model is faster than ``original``.
+    """Roll back the least useful layers until the rewritten model runs ``1 + margin`` times as fast as ``original``.
 
-    ``build(applied)`` returns the model with exactly the applied candidates' chains. Rolled-back
+    With the per-layer ``margin`` here too, a model that is only within measurement noise of the
+    original is rolled back to the original rather than written as a "speedup" nobody can
+    reproduce. ``build(applied)`` returns the model with exactly the applied candidates' chains. Rolled-back
     candidates get ``chain = None`` and a reason. The result's ``model`` is the last model built
     (the one the last measurement describes), with nothing rolled back when ``allow_slower``.
     """
@@ -192,7 +195,7 @@ def guard_end_to_end(
         speedup = pair.a_ms / pair.b_ms if pair.b_ms > 0 else math.inf
         result.rounds.append({"layers": len(applied), "original_ms": pair.a_ms, "compressed_ms": pair.b_ms, "speedup": speedup})
         result.model = model
-        if speedup >= 1.0 or allow_slower or not applied:
+        if speedup >= 1.0 + margin or allow_slower or not applied:
             return result
         order = _usefulness(candidates)
         count = max(1, math.ceil(ROLLBACK_SHARE * len(order)))
@@ -200,7 +203,7 @@ def guard_end_to_end(
             c.chain = None
             c.layer.reason = (
                 f"rolled back by the end-to-end guard: with {len(applied)} decomposed layers the model ran "
-                f"{speedup:.2f}x as fast as the original (--allow-slower keeps it)"
+                f"{speedup:.2f}x as fast as the original, needs {1 + margin:.2f}x (--speed-margin; --allow-slower keeps it)"
             )
 
 

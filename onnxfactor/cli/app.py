@@ -17,13 +17,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    help="Compress the Conv layers of an ONNX model by Tucker-2 decomposition at VBMF-chosen ranks, "
-    "and prove it with ONNX Runtime. Exit codes: 0 ok, 1 internal error, 2 usage, 3 validation "
+    help="Compress the Conv layers of an ONNX model by tensor decomposition at VBMF-chosen ranks, keep only "
+    "what ONNX Runtime measures faster, and prove it. Exit codes: 0 ok, 1 internal error, 2 usage, 3 validation "
     "failed (--max-rel-error), 4 bad input model, 5 nothing to compress, 6 output error.",
 )
 app.command("compress")(commands.compress)
 app.command("analyze")(commands.analyze)
 app.command("validate")(commands.validate)
+app.command("plot")(commands.plot)
 
 
 def _click_exception_type() -> type[Exception]:

@@ -153,3 +153,16 @@ def validate(
         from onnxfactor.errors import ValidationFailed
 
         raise ValidationFailed(f"worst output relative L2 error {result.worst_rel_l2:.3g} exceeds --max-rel-error {max_rel_error:g}")
+
+
+def plot(
+    report: Path = typer.Argument(..., help="A compress report (--report r.json) written with --measure.", show_default=False),
+    output: Path = typer.Argument(..., help="The PNG to write.", show_default=False),
+) -> None:
+    """Plot each layer's MAC cut against its measured speedup (needs the [plot] extra)."""
+    from onnxfactor.pipeline import check_output_path
+    from onnxfactor.plot import plot_layer_speed
+
+    check_output_path(output, "plot", protected={"report": report})
+    count = plot_layer_speed(report, output)
+    typer.echo(f"plotted {count} timed layers to {output}")

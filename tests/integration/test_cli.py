@@ -440,6 +440,31 @@ def test_compress_measured_never_writes_a_model_it_measured_slower(work):
         assert [n.op_type for n in onnx.load(str(work / "out.onnx")).graph.node].count("Conv") == 1
 
 
+def test_plot_of_a_measured_report(work, monkeypatch):
+    proc = cli("compress", "tiny.onnx", "out.onnx", "--report", "r.json", "--no-validate", "--threads", "1", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("plot", "r.json", "p.png", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "plotted 1 timed layers to p.png" in proc.stdout
+    assert (work / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+    from onnxfactor.errors import UsageError
+    from onnxfactor.plot import layer_points, plot_layer_speed
+
+    (point,) = layer_points(json.loads((work / "r.json").read_text()))
+    assert point["name"] == "conv1" and point["macs_ratio"] > 1 and point["speedup"] > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the [plot] extra were not installed
+    with pytest.raises(UsageError, match=r"pip install 'onnxfactor\[plot\]'"):
+        plot_layer_speed(work / "r.json", work / "q.png")
+
+
+def test_plot_needs_per_layer_timings(work):
+    proc = cli("compress", "tiny.onnx", "out.onnx", "--report", "r.json", "--no-validate", "--no-measure", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert_user_error(cli("plot", "r.json", "p.png", cwd=work), 2, "no per-layer timings", "--measure")
+    assert not (work / "p.png").exists()
+
+
 def test_compress_max_rel_error_miss_writes_no_model(work):
     before = listing(work)
     proc = cli("compress", "tiny.onnx", "out.onnx", "--max-rel-error", "1e-9", "--report", "r.json", "--latency-runs", "0", "--no-measure", cwd=work)

@@ -181,3 +181,12 @@ def test_max_latency_ms_budget():
     cost = conv_cost({"convA": 10.0, "convB": 10.0}, chain_ms=1.0)
     _, report, _ = measured(LatencyConfig(rank_search=False, max_latency_ms=7.0), cost, policy="weakened")
     assert report.speed["budget_met"] is True and report.speed["rounds"][-1]["compressed_ms"] <= 7.0
+
+
+def test_budget_out_of_reach_never_writes_a_slower_model():
+    cost = conv_cost({"convA": 10.0, "convB": 10.0}, chain_ms=1.0, penalty=lambda m: 30.0 if _both_chains(m) else 0.0)
+    out, report, _ = measured(LatencyConfig(rank_search=False, target_speedup=5.0), cost, policy="weakened")
+    rounds = report.speed["rounds"]
+    assert report.speed["budget_met"] is False
+    assert rounds[0]["speedup"] == pytest.approx(20 / 36) and rounds[-1]["speedup"] >= 1.0
+    assert len(report.decomposed) == 1 and cost(out) < 20.0
