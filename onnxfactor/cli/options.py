@@ -73,7 +73,7 @@ Provider = Annotated[
     Optional[str], typer.Option(help="ONNX Runtime execution provider (cpu, cuda, ...). Default: CUDA if available, else CPU.", show_default=False)
 ]
 Threads = Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: ORT's choice).", show_default=False, min=1)]
-LatencyRuns = Annotated[int, typer.Option(help="Interleaved timing runs per model (0 = no latency measurement).", min=0)]
+LatencyRuns = Annotated[int, typer.Option(help="Interleaved timing runs per model in the validation report (0 = none; --measure times separately).", min=0)]
 MaxRelError = Annotated[
     Optional[float],
     typer.Option(help="Fail with exit code 3 (and write no model) if any output's relative L2 error exceeds this.", show_default=False, min=0.0),

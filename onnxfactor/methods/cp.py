@@ -26,21 +26,21 @@ convs: the chain computes exactly the CP approximation for any strides, pads, di
 auto_pad. Grouped convs are decomposed group by group with one common rank (block-diagonal
 factors). Pointwise convs (a matrix: CP is the truncated SVD) get Tucker-2's SVD chain.
 
-Fitting. CP-ALS (tensorly ``parafac``, normalised factors, stopping when the relative error
-changes by less than ``TOL``) on the full weight is slow: 4.7 s for 100 sweeps on the largest
-nudenet 320n conv (256 x 128 x 3 x 3) at rank 84. We compress first (R. Bro, C. A. Andersson,
+Fitting. CP-ALS (:func:`onnxfactor.methods.als.cp_als`, normalised factors, stopping when the
+relative error changes by less than ``TOL``) on the full weight is slow: 4.7 s for 100 sweeps of
+tensorly's ``parafac`` on the largest nudenet 320n conv (256 x 128 x 3 x 3) at rank 84. We compress first (R. Bro, C. A. Andersson,
 "Improving the speed of multi-way algorithms: Part II. Compression", Chemometrics and Intelligent
 Laboratory Systems 42, 1998): project the 3-way weight onto the leading ``min(R, n)`` singular
 vectors ``U_n`` of each unfolding (a truncated HOSVD, with the spectra already computed for the
 rank choice), fit the CP of the small core ``G = W x_n U_n^T`` (``N_ITER_MAX`` sweeps), expand
 its factors (``A = U_0 A_G``, ...) and, when the compression discarded energy, run
 ``REFINE_SWEEPS`` ALS sweeps on the full weight. When every multilinear rank is ``<= R`` the
-compression is lossless. The core fit starts from tensorly's SVD initialisation, or from the
+compression is lossless. The core fit starts from the SVD initialisation, or from the
 algebraic GEVD solution (:func:`gevd_init`) when that already fits to ``GEVD_ACCEPT``: exact
 low-rank weights are then recovered exactly, where ALS from the SVD start can stall. CP-4 splits
 each spatial column of the 3-way fit into per-axis factors and refines on the (2+d)-way weight
 (:class:`CPFitter`). Measured on one core (``OPENBLAS_NUM_THREADS=1``, CPU time) for that conv at
-its VBMF rank 84: CP-3 1.7 s (error 0.565), CP-4 3.1 s (error 0.567).
+its VBMF rank 84: CP-3 1.2 s (error 0.564), CP-4 2.9 s (error 0.566).
 
 Degeneracy. ALS can drift towards a "degenerate" solution (Kruskal, Harshman & Lundy 1989):
 two or more components grow without bound while cancelling each other, which a float32 / fp16
@@ -75,10 +75,10 @@ from onnxfactor.spectral import mode_spectrum, unfold
 #: 1.6 s, error 0.567; 150: 1.7 - 2.0 s, 0.565; 200: 2.3 s, 0.564; 300: 3.5 s, 0.563.
 N_ITER_MAX = 150
 TOL = 1e-8
-#: ALS sweeps per probe of the rank search (:func:`chain_for_error`). tensorly's ALS costs about
-#: 25 ms per sweep even on a 14 x 14 x 9 core (its backend dispatch dominates), and trained
-#: weights plateau early (largest nudenet conv at rank 84: error 0.567 after 100 sweeps, 0.565
-#: after 150), so the search probes with fewer sweeps; the chain is the probe's fit as measured.
+#: ALS sweeps per probe of the rank search (:func:`chain_for_error`), which fits many ranks.
+#: Trained weights plateau early (largest nudenet conv, rank 84, CP-3: error 0.570 after 40
+#: sweeps in 0.5 s CPU, 0.564 after 150 in 1.2 s), so the search probes with fewer sweeps; the
+#: chain is the probe's fit, with its error as measured.
 SEARCH_SWEEPS = 40
 #: ALS sweeps on the full weight after a lossy compression (each costs about ``3 R |W|`` flops).
 REFINE_SWEEPS = 5
@@ -93,7 +93,8 @@ GEVD_ACCEPT = 1e-2
 #: a decimal digit to the cancellation.
 DIVERGENCE_RATIO = 10.0
 #: Two components, each larger than ``||W||``, whose signed congruence is below this point in
-#: nearly opposite directions and cancel: the signature of diverging ALS. On nudenet 320n at the
+#: nearly opposite directions and cancel: the signature of diverging ALS. Measured with tensorly's
+#: ALS (before :mod:`onnxfactor.methods.als`): on nudenet 320n at the
 #: VBMF ranks (39 k x k convs) 3 CP-3 fits cross it from the SVD init (pairs at -0.92 .. -0.97),
 #: 2 of them are fine from the random re-init, 1 (/model.15/m.0/cv2, rank 9) stays degenerate;
 #: the other final fits stay above -0.9 (next lowest -0.89, -0.85). Smaller nearly-opposite pairs
@@ -292,7 +293,7 @@ class CPFitter:
         inits["random init"] = (np.ones(rank), [rng.standard_normal((d, rank)) for d in dims])
         reasons = []
         for label, init in inits.items():
-            # the seed fixes the random columns tensorly adds to an SVD init beyond a mode's size
+            # the seed fixes the random columns the SVD init adds beyond a mode's size
             lam, factors, _ = als.cp_als(core, rank, init, n_iter_max=n_iter_max, tol=TOL, seed=RETRY_SEED)
             factors = [basis[:, :d] @ f for basis, d, f in zip(self.bases, dims, factors)]
             if lossy and REFINE_SWEEPS > 0:

@@ -61,7 +61,7 @@ def test_bundled_model_with_every_method(method):
     assert result.accuracy_compressed == pytest.approx(float(np.mean(logits.argmax(1) == np.load(data)["labels"][:200])))
 
 
-@pytest.mark.parametrize("method", ["cp3", "tucker3"])
+@pytest.mark.parametrize("method", ["cp3", "cp4", "tucker3"])
 def test_alexnet_group2_with_cp_and_spatial_tucker(method):
     from onnxfactor import io
 
