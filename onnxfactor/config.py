@@ -84,7 +84,9 @@ class CompressConfig:
         :mod:`onnxfactor.methods`. A CP fit that degenerates falls back to Tucker-2 for that layer.
         ``auto`` picks per layer the chain with the fewest MACs among all methods whose relative
         reconstruction error is no worse than Tucker-2's at the policy's ranks (or than
-        ``ranks.target_error`` under the ``error`` policy); see :mod:`onnxfactor.methods.search`.
+        ``ranks.target_error`` under the ``error`` policy); see :mod:`onnxfactor.methods.search`. With
+        ``latency`` set, the other methods' chains found on the way are timed as well and the
+        fastest measured chain wins.
     min_reduction:
         A layer is decomposed only if both its MACs and its parameter count drop by at least this
         fraction (0.1 = 10 %). ``None`` decomposes every eligible layer regardless (used to test

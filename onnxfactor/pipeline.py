@@ -122,6 +122,7 @@ class _LayerDecomposer:
         if config.method not in METHOD_CHOICES:
             raise UsageError(f"unknown method {config.method!r}; choose one of {', '.join(METHOD_CHOICES)} (--method)")
         self.auto = config.method == AUTO
+        self.runners_up: list[ChainSpec] = []  # auto: the other chains of the last search
         if self.auto and config.ranks.policy == "file":
             raise UsageError("a rank file gives the ranks of one method: choose --method tucker2, cp3, cp4 or tucker3 with --rank-file")
         if config.ranks.policy == "error" and not 0.0 <= config.ranks.target_error < 1.0:
@@ -175,6 +176,7 @@ class _LayerDecomposer:
         Nothing is rewritten here.
         """
         start = time.perf_counter()
+        self.runners_up = []
         layer = _layer_base(site)
         reason = _selection_reason(site, self.config, self.explicit)
         if reason is not None:
@@ -195,6 +197,8 @@ class _LayerDecomposer:
             layer.reason = self._margin_reason(layer)
             if layer.reason is None:
                 options = [chain] + (self._rounded_variants(site, weight, spectra, chain) if variants else [])
+                if variants and self.auto:  # measured latency decides between the methods too
+                    options += [c for c in self.runners_up if self._passes_margin(site, c)]
         layer.seconds = time.perf_counter() - start
         return layer, options
 
@@ -218,11 +222,14 @@ class _LayerDecomposer:
                 variant = method.decompose(weight, site.geometry, ranks, spectra=_spectra_for(method_name, spectra), hooi_iters=self.config.hooi_iters)
             except DegenerateFit:
                 continue
-            probe = _layer_base(site)
-            _describe(probe, site, variant)
-            if self._margin_reason(probe) is None:
+            if self._passes_margin(site, variant):
                 variants.append(variant)
         return variants
+
+    def _passes_margin(self, site: ConvSite, chain: ChainSpec) -> bool:
+        probe = _layer_base(site)
+        _describe(probe, site, chain)
+        return self._margin_reason(probe) is None
 
     def budget_options(self, candidates: list[Candidate], timer, opset: int | None) -> dict[str, list[Option]]:
         """Per timeable candidate, its chain at each weakening level of :data:`BUDGET_LEVELS` (and,
@@ -296,6 +303,7 @@ class _LayerDecomposer:
         if site.geometry.is_pointwise:  # every method's chain of a matrix is its truncated SVD
             names = names[:1]
         best_name = "tucker2" if best is not None else None
+        self.runners_up = [best] if best is not None else []  # each chain that was the cheapest so far
         for name in names:
             t0 = time.perf_counter()
             max_cost = macs(best) if best is not None else None
@@ -306,6 +314,8 @@ class _LayerDecomposer:
             record(name, chain, time.perf_counter() - t0, "cheapest meeting the target" if chain is not None else "none meets the target below the cost to beat")
             if found:
                 best, best_name = chain, name
+                self.runners_up.append(chain)
+        self.runners_up = [c for c in self.runners_up if c is not best]
         if best is None:
             what = "any method" if self.auto else self.config.method
             return None, choice, f"no {what} chain reaches relative error <= {target:.3g} with fewer MACs than the original"

@@ -24,7 +24,6 @@ are kept as decided by MACs and count in the end-to-end guard like the others.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -90,7 +89,7 @@ def _apply_timing(candidate: Candidate, index: int) -> None:
     """Make option ``index`` the candidate's chain and refresh its report row."""
     chain, layer, site = candidate.options[index], candidate.layer, candidate.site
     candidate.chain, candidate.timing = chain, candidate.option_timings[index]
-    layer.ranks = dict(chain.ranks)
+    layer.method, layer.ranks = chain.method, dict(chain.ranks)
     layer.params_after = chain.params
     if site.in_spatial is not None and site.out_spatial is not None:
         layer.macs_after = chain.macs(site.in_spatial, site.out_spatial)
@@ -122,7 +121,7 @@ def select_faster_layers(
         candidate.layer.latency = {
             **timing.to_dict(),
             "options": [
-                {"ranks": dict(c.ranks), "rel_error": c.rel_error, **t.to_dict()}
+                {"method": c.method, "ranks": dict(c.ranks), "rel_error": c.rel_error, **t.to_dict()}
                 for c, t in zip(candidate.options, candidate.option_timings)
             ],
         }
@@ -270,7 +269,9 @@ def meet_budget(
     first = timer.time_pair(original, original, feeds)
     t_original = first.a_ms
     goal = t_original / target_speedup if target_speedup is not None else max_latency_ms
-    needed = t_original - goal  # ms to save, as predicted from per-layer savings
+    # ms to save, as predicted from per-layer savings (at least 1 %: a measurement can miss even
+    # a budget the original meets, by noise)
+    needed = max(t_original - goal, 0.01 * t_original)
     scale = 1.0
     while True:
         saved = sum(ladders[n][i].saved_ms for n, i in chosen.items())
@@ -308,11 +309,8 @@ def meet_budget(
         exhausted = all(chosen.get(n, -1) + 1 >= len(ladder) for n, ladder in ladders.items())
         if met or exhausted:
             return result, met
-        # the per-layer savings over-predicted: ask for proportionally more
+        # the per-layer savings over-predicted: ask for proportionally more, and for at least one
+        # more upgrade than this round chose (so every round changes the model and the loop ends)
         real_saving = max(pair.a_ms - pair.b_ms, 1e-9)
-        scale *= max(1.1, min(3.0, saved / real_saving if saved > 0 else 2.0))
+        scale = max(scale * max(1.1, min(3.0, saved / real_saving if saved > 0 else 2.0)), 1.01 * saved / needed)
 
-
-def replace_level(ranks_config, level: float):
-    """The rank config of one budget level: VBMF weakened by ``level``."""
-    return dataclasses.replace(ranks_config, policy="weakened", weaken=level)

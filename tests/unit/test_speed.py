@@ -190,3 +190,26 @@ def test_budget_out_of_reach_never_writes_a_slower_model():
     assert report.speed["budget_met"] is False
     assert rounds[0]["speedup"] == pytest.approx(20 / 36) and rounds[-1]["speedup"] >= 1.0
     assert len(report.decomposed) == 1 and cost(out) < 20.0
+
+
+def test_auto_with_measurements_picks_the_fastest_method_not_the_fewest_macs():
+    from tests.conftest import make_conv_model
+    from tests.unit.test_cp import exact_cp3
+
+    rng = np.random.default_rng(11)
+    weight = exact_cp3(rng, 16, 16, (3, 3), 3).astype(np.float32)
+    model = make_conv_model(c_in=16, c_out=16, kernel=(3, 3), spatial=(12, 12), pads=[1, 1, 1, 1], weight=weight)
+
+    def cost(m: onnx.ModelProto) -> float:  # depthwise convs (CP's middle conv) are slow here
+        groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in m.graph.node}
+        return sum(10.0 if n.name == "conv" else (8.0 if groups[n.name] > 1 else 1.0) for n in m.graph.node)
+
+    config = CompressConfig(ranks=RankConfig(policy="error", target_error=1e-3), method="auto",
+                            latency=LatencyConfig(rank_search=True))
+    out, report = compress(model, config=config, timer=FakeTimer(cost))
+    (layer,) = report.decomposed
+    # by MACs CP-3 wins (see test_methods_pipeline); measured, its depthwise conv makes it 10 ms
+    assert {o["method"] for o in layer.latency["options"]} >= {"cp3", "tucker2"}
+    assert layer.method == "tucker2" and layer.latency["speedup"] == pytest.approx(10 / 3)
+    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
+    assert rel_l2(run_ort(model, {"x": x})[0], run_ort(out, {"x": x})[0]) <= 2e-3
