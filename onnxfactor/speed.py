@@ -227,6 +227,49 @@ class Option:
         return (self.chain.rel_error or 0.0) ** 2
 
 
+#: End-to-end measurements the budget search may spend.
+BUDGET_ROUNDS = 6
+
+
+def _ladders(levels: dict[str, list[Option]]) -> dict[str, list[Option]]:
+    """Per layer the options that save time and are not dominated (more saving at less loss),
+    ordered from the least saving (least loss) to the most."""
+    ladders = {}
+    for name, opts in levels.items():
+        useful = sorted((o for o in opts if o.saved_ms > 0), key=lambda o: (o.saved_ms, -o.loss))
+        walk, best_loss = [], math.inf
+        for o in reversed(useful):
+            if o.loss < best_loss:
+                walk.append(o)
+                best_loss = o.loss
+        ladders[name] = list(reversed(walk))
+    return ladders
+
+
+def _greedy(ladders: dict[str, list[Option]], required_ms: float) -> dict[str, int]:
+    """From nothing decomposed, upgrade the layer whose next option adds the most saving per unit
+    of added loss, until the predicted saving reaches ``required_ms`` or nothing is left."""
+    chosen: dict[str, int] = {}
+    saved = 0.0
+    while saved < required_ms:
+        step = None
+        for name, ladder in ladders.items():
+            i = chosen.get(name, -1)
+            if i + 1 >= len(ladder):
+                continue
+            prev = ladder[i] if i >= 0 else None
+            gain = ladder[i + 1].saved_ms - (prev.saved_ms if prev else 0.0)
+            cost = ladder[i + 1].loss - (prev.loss if prev else 0.0)
+            score = gain / max(cost, 1e-12)
+            if gain > 0 and (step is None or score > step[0]):
+                step = (score, name, i + 1)
+        if step is None:
+            break
+        chosen[step[1]] = step[2]
+        saved = sum(ladders[n][j].saved_ms for n, j in chosen.items())
+    return chosen
+
+
 def meet_budget(
     candidates: list[Candidate],
     levels: dict[str, list[Option]],
@@ -240,77 +283,73 @@ def meet_budget(
 ) -> tuple[GuardResult, bool]:
     """Choose per layer an option of ``levels[name]`` (or none) to meet the budget with the least loss.
 
-    Greedy: from "nothing decomposed", repeatedly upgrade the layer whose next option adds the most
-    measured saving per unit of added loss (squared reconstruction error), until the predicted
-    latency ``T_original - sum(saved)`` meets the budget. Then build and measure end to end; if the
-    measurement misses, the predicted requirement is scaled by the shortfall and the greedy goes on.
-    Returns the guard-style measurements and whether the budget was met; the candidates' chains
-    are the final choice (when the budget is out of reach: every useful option, the fastest model).
+    Greedy (:func:`_greedy`): the most measured per-layer saving per unit of added loss (squared
+    reconstruction error) first, until the predicted latency ``T_original - sum(saved)`` meets
+    the budget. Then the model is built and measured end to end, and the requirement recalibrated
+    from the measurement: a miss asks for more (at least one more upgrade), an overshoot by more
+    than 10 % asks for less (less loss). At most :data:`BUDGET_ROUNDS` measurements; the met
+    choice with the least loss wins. Returns the measurements and whether the budget was met; the
+    candidates' chains are the final choice (out of reach: every useful option, the fastest model).
     """
     if (target_speedup is None) == (max_latency_ms is None):
         raise ValueError("give exactly one of target_speedup and max_latency_ms")
     by_name = {c.site.name: c for c in candidates}
-    # per layer, options that save time, ordered by saving; a Pareto walk from none upwards
-    ladders = {}
-    for name, opts in levels.items():
-        useful = sorted((o for o in opts if o.saved_ms > 0), key=lambda o: (o.saved_ms, -o.loss))
-        walk, best_loss = [], math.inf
-        for o in reversed(useful):  # keep options not dominated (more saving, less loss)
-            if o.loss < best_loss:
-                walk.append(o)
-                best_loss = o.loss
-        ladders[name] = list(reversed(walk))  # from least saving (least loss) to most
-    chosen: dict[str, int] = {}  # name -> index in its ladder
-    for c in candidates:
-        c.chain, c.timing = None, None
-        c.layer.reason = "not needed for the latency budget"
+    ladders = _ladders(levels)
+    everything = {n: len(ladder) - 1 for n, ladder in ladders.items() if ladder}
 
-    result = GuardResult()
-    first = timer.time_pair(original, original, feeds)
-    t_original = first.a_ms
-    goal = t_original / target_speedup if target_speedup is not None else max_latency_ms
-    # ms to save, as predicted from per-layer savings (at least 1 %: a measurement can miss even
-    # a budget the original meets, by noise)
-    needed = max(t_original - goal, 0.01 * t_original)
-    scale = 1.0
-    while True:
-        saved = sum(ladders[n][i].saved_ms for n, i in chosen.items())
-        while saved < needed * scale:
-            step = None
-            for name, ladder in ladders.items():
-                i = chosen.get(name, -1)
-                if i + 1 >= len(ladder):
-                    continue
-                prev = ladder[i] if i >= 0 else None
-                gain = ladder[i + 1].saved_ms - (prev.saved_ms if prev else 0.0)
-                cost = ladder[i + 1].loss - (prev.loss if prev else 0.0)
-                score = gain / max(cost, 1e-12)
-                if gain > 0 and (step is None or score > step[0]):
-                    step = (score, name, i + 1)
-            if step is None:
-                break
-            _, name, i = step
-            chosen[name] = i
-            saved = sum(ladders[n][j].saved_ms for n, j in chosen.items())
+    def goal_ms(original_ms: float) -> float:
+        return original_ms / target_speedup if target_speedup is not None else max_latency_ms
+
+    def choose(chosen: dict[str, int]) -> None:
+        for c in candidates:
+            c.chain, c.timing = None, None
+            c.layer.reason = "not needed for the latency budget"
         for name, i in chosen.items():
             option, c = ladders[name][i], by_name[name]
             c.options, c.option_timings = [option.chain], [option.timing]
             _apply_timing(c, 0)
             c.layer.reason = None
             c.layer.latency = {**option.timing.to_dict(), "weaken": option.level} if option.timing else {"weaken": option.level}
-        applied = [c for c in candidates if c.chain is not None]
-        model = build(applied)
+
+    result = GuardResult()
+    t_original = timer.time_pair(original, original, feeds).a_ms
+    # ms to save as predicted from per-layer savings (at least 1 %: a measurement can miss even a
+    # budget the original meets, by noise)
+    required = max(t_original - goal_ms(t_original), 0.01 * t_original)
+    best = None  # (loss, chosen, model, round) of the met choice with the least loss
+    last = None
+    for _ in range(BUDGET_ROUNDS):
+        chosen = _greedy(ladders, required)
+        if chosen == last:
+            break
+        last = chosen
+        choose(chosen)
+        model = build([c for c in candidates if c.chain is not None])
         pair = timer.time_pair(original, model, feeds)
+        saved = sum(ladders[n][i].saved_ms for n, i in chosen.items())
         speedup = pair.a_ms / pair.b_ms if pair.b_ms > 0 else math.inf
-        result.rounds.append({"layers": len(applied), "original_ms": pair.a_ms, "compressed_ms": pair.b_ms, "speedup": speedup,
+        result.rounds.append({"layers": len(chosen), "original_ms": pair.a_ms, "compressed_ms": pair.b_ms, "speedup": speedup,
                               "predicted_saving_ms": saved})
         result.model = model
-        met = pair.b_ms <= (pair.a_ms / target_speedup if target_speedup is not None else max_latency_ms)
-        exhausted = all(chosen.get(n, -1) + 1 >= len(ladder) for n, ladder in ladders.items())
-        if met or exhausted:
-            return result, met
-        # the per-layer savings over-predicted: ask for proportionally more, and for at least one
-        # more upgrade than this round chose (so every round changes the model and the loop ends)
-        real_saving = max(pair.a_ms - pair.b_ms, 1e-9)
-        scale = max(scale * max(1.1, min(3.0, saved / real_saving if saved > 0 else 2.0)), 1.01 * saved / needed)
-
+        met = pair.b_ms <= goal_ms(pair.a_ms)
+        loss = sum(ladders[n][i].loss for n, i in chosen.items())
+        if met and (best is None or loss < best[0]):
+            best = (loss, chosen, model, len(result.rounds) - 1)
+        needed_real = pair.a_ms - goal_ms(pair.a_ms)
+        real_saving = pair.a_ms - pair.b_ms
+        if met:
+            if real_saving <= 1.1 * max(needed_real, 1e-9):
+                break  # close to the budget: less would miss it
+            required *= max(0.5, needed_real / real_saving)  # overshoot: ask for less
+        else:
+            if chosen == everything:
+                break
+            ratio = saved / real_saving if real_saving > 0 and saved > 0 else 2.0
+            required = max(required * max(1.1, min(3.0, ratio)), 1.01 * saved)
+    if best is None:
+        return result, False
+    if best[1] != last:  # restore the best met choice (the last measured one may be another)
+        choose(best[1])
+        result.model = best[2]
+        result.rounds.append({**result.rounds[best[3]], "restored": True})
+    return result, True
