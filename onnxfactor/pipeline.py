@@ -504,7 +504,9 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     providers = resolve_providers(latency.provider)
     timer = timer or OrtTimer(providers, latency.threads)
     opset = next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
-    original = model_io.restore_conventions(_copy(prep.loaded.model), prep.loaded.ir_version)
+    # the normalised input stays unchanged on this path (trial and final models are copies), so it
+    # is timed as it is unless IR < 4 needs its initializers listed as inputs again
+    original = prep.loaded.model if prep.loaded.ir_version >= 4 else model_io.restore_conventions(_copy(prep.loaded.model), prep.loaded.ir_version)
     _require_loadable(original, providers)
     feeds = make_inputs(original, shapes=prep.input_shapes, seed=0).batches[0]
     speed = {"providers": providers, "threads": latency.threads, "margin": latency.margin}

@@ -114,6 +114,9 @@ def make_session(
     """
     ort = _import_ort()
     options = ort.SessionOptions()
+    # ONNX Runtime's own warnings (e.g. unused initializers it removes from a source model) would
+    # flood the terminal during measurements; errors still raise
+    options.log_severity_level = 3
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise UsageError(f"--threads must be a positive integer, got {threads!r}")
