@@ -25,6 +25,7 @@ are kept as decided by MACs and count in the end-to-end guard like the others.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -105,34 +106,38 @@ def select_faster_layers(
     and ``reason`` when dropped). Candidates that cannot be timed stay as they are.
     """
     for done, candidate in enumerate(candidates, 1):
-        site = candidate.site
-        if site.graph_path or site.input_shape is None or not all(isinstance(d, int) and d > 0 for d in site.input_shape):
-            candidate.layer.latency = {"note": "not timed (inside a subgraph or input shape unknown): kept by MACs"}
-            continue
-        try:
-            candidate.option_timings = [time_layer(timer, site, chain, opset=opset) for chain in candidate.options]
-        except Exception as e:  # noqa: BLE001 - e.g. an op or dtype the provider cannot run alone
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            candidate.layer.latency = {"note": f"not timed ({reason}): kept by MACs"}
-            continue
-        best = max(range(len(candidate.options)), key=lambda k: candidate.option_timings[k].speedup)
-        _apply_timing(candidate, best)
-        timing = candidate.timing
-        candidate.layer.latency = {
-            **timing.to_dict(),
-            "options": [
-                {"method": c.method, "ranks": dict(c.ranks), "rel_error": c.rel_error, **t.to_dict()}
-                for c, t in zip(candidate.options, candidate.option_timings)
-            ],
-        }
-        if timing.speedup < 1.0 + margin:
-            candidate.chain = None
-            candidate.layer.reason = (
-                f"measured not faster: {timing.original_ms:.3g} ms -> {timing.chain_ms:.3g} ms "
-                f"({timing.speedup:.2f}x, needs {1 + margin:.2f}x; --speed-margin)"
-            )
+        _select_one(candidate, timer, margin=margin, opset=opset)
         if progress is not None:
-            progress(done, len(candidates), site.name)
+            progress(done, len(candidates), candidate.site.name)
+
+
+def _select_one(candidate: Candidate, timer: Timer, *, margin: float, opset: int | None) -> None:
+    site = candidate.site
+    if site.graph_path or site.input_shape is None or not all(isinstance(d, numbers.Integral) and d > 0 for d in site.input_shape):
+        candidate.layer.latency = {"note": "not timed (inside a subgraph or input shape unknown): kept by MACs"}
+        return
+    try:
+        candidate.option_timings = [time_layer(timer, site, chain, opset=opset) for chain in candidate.options]
+    except Exception as e:  # noqa: BLE001 - e.g. an op or dtype the provider cannot run alone
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        candidate.layer.latency = {"note": f"not timed ({reason}): kept by MACs"}
+        return
+    best = max(range(len(candidate.options)), key=lambda k: candidate.option_timings[k].speedup)
+    _apply_timing(candidate, best)
+    timing = candidate.timing
+    candidate.layer.latency = {
+        **timing.to_dict(),
+        "options": [
+            {"method": c.method, "ranks": dict(c.ranks), "rel_error": c.rel_error, **t.to_dict()}
+            for c, t in zip(candidate.options, candidate.option_timings)
+        ],
+    }
+    if timing.speedup < 1.0 + margin:
+        candidate.chain = None
+        candidate.layer.reason = (
+            f"measured not faster: {timing.original_ms:.3g} ms -> {timing.chain_ms:.3g} ms "
+            f"({timing.speedup:.2f}x, needs {1 + margin:.2f}x; --speed-margin)"
+        )
 
 
 @dataclass

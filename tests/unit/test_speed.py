@@ -233,3 +233,24 @@ def test_budget_overshoot_is_refined_towards_less_error():
     assert [r["layers"] for r in rounds] == [2, 1]
     assert rounds[0]["speedup"] > 1.6 * 1.1 and rounds[1]["speedup"] >= 1.6
     assert len(report.decomposed) == 1 and cost(out) <= 20.0 / 1.6
+
+
+def test_convs_inside_subgraphs_are_kept_by_macs_and_guarded_end_to_end():
+    """silero-vad keeps its Convs in If branches: they cannot be timed alone, so they stay as the MAC
+    rules decided, and the end-to-end measurement still covers them."""
+    from tools import model_zoo
+
+    def names(graph: onnx.GraphProto):
+        for node in graph.node:
+            yield node.name
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    yield from names(sub)
+
+    timer = FakeTimer(lambda m: 5.0 if any("/tucker2_" in n or "/svd_" in n for n in names(m.graph)) else 10.0)
+    config = CompressConfig(latency=LatencyConfig())
+    _, report = compress(model_zoo.silero_vad(), config=config, timer=timer)
+    assert report.decomposed and all(layer.graph_path for layer in report.decomposed)
+    for layer in report.decomposed:
+        assert layer.latency == {"note": "not timed (inside a subgraph or input shape unknown): kept by MACs"}
+    assert report.speed["rounds"] == [{"layers": len(report.decomposed), "original_ms": 10.0, "compressed_ms": 5.0, "speedup": 2.0}]
