@@ -154,6 +154,39 @@ def save_model_atomic(
         return written.commit()
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file: same resolved path, or hard links / other spellings of one file."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(target: str | os.PathLike, what: str, *, protected: dict[str, str | os.PathLike] | None = None) -> None:
+    """Raise :class:`OutputError` when ``target`` cannot or must not be written; cheap, so run it first.
+
+    ``what`` names the file in the message ("output", "report"). ``protected`` maps a label to a path
+    that ``target`` must not be (in any spelling, or as a hard link), e.g. ``{"input model": path}``.
+    Checks that ``target`` is not a directory and that its directory exists, is a directory and is
+    writable (``os.access``; root passes it whatever the permissions).
+    """
+    target = Path(target)
+    for label, path in (protected or {}).items():
+        if path is not None and _same_file(target, Path(path)):
+            raise OutputError(f"{what} path {target} is the {label}; choose another {what} file")
+    if target.is_dir():
+        raise OutputError(f"{what} path {target} is a directory; give a file name")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        if parent.exists():
+            raise OutputError(f"{what} directory {parent} is not a directory (it is a file); choose another {what} path")
+        raise OutputError(f"{what} directory does not exist: {parent}; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the {what} to {parent}: permission denied")
+
+
 def write_temporary(
     model: ModelProto,
     path: str | os.PathLike,
@@ -183,15 +216,7 @@ def write_temporary(
     writable, or writing fails.
     """
     target = Path(path)
-    parent = target.parent
-    if target.is_dir():
-        raise OutputError(f"output path is a directory: {target}; give a file name such as {target / 'model.onnx'}")
-    if not parent.is_dir():
-        if parent.exists():
-            raise OutputError(f"output directory is not a directory: {parent}")
-        raise OutputError(f"output directory does not exist: {parent}; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {parent}: permission denied")
+    check_output_path(target, "output")
 
     mode = _file_mode(target)
     plan = None if external_data else _serialise(model)

@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxfactor import io as model_io
+from onnxfactor.io import check_output_path
 from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
 from onnxfactor.config import CompressConfig
 from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed
@@ -689,39 +690,6 @@ def validate_files(original, compressed, *, options: ValidationOptions, input_sh
 
         Path(report_path).write_text(json.dumps(to_jsonable(result.to_dict()), indent=2) + "\n")
     return result
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name the same file: same resolved path, or hard links / other spellings of one file."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_output_path(target: str | os.PathLike, what: str, *, protected: dict[str, str | os.PathLike] | None = None) -> None:
-    """Raise :class:`OutputError` when ``target`` cannot or must not be written; cheap, so run it first.
-
-    ``what`` names the file in the message ("output", "report"). ``protected`` maps a label to a path
-    that ``target`` must not be (in any spelling, or as a hard link), e.g. ``{"input model": path}``.
-    Checks that ``target`` is not a directory and that its directory exists, is a directory and is
-    writable (``os.access``; root passes it whatever the permissions).
-    """
-    target = Path(target)
-    for label, path in (protected or {}).items():
-        if path is not None and _same_file(target, Path(path)):
-            raise OutputError(f"{what} path {target} is the {label}; choose another {what} file")
-    if target.is_dir():
-        raise OutputError(f"{what} path {target} is a directory; give a file name")
-    parent = target.absolute().parent
-    if not parent.is_dir():
-        if parent.exists():
-            raise OutputError(f"{what} directory {parent} is not a directory (it is a file); choose another {what} path")
-        raise OutputError(f"{what} directory does not exist: {parent}; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the {what} to {parent}: permission denied")
 
 
 def _preflight_output(input_path: Path, output_path: Path, report_path: Path | None) -> None:
