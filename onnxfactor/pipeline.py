@@ -194,7 +194,7 @@ class _LayerDecomposer:
         layer.modes = [m.to_dict() for m in choice.modes]
         options = []
         if chain is not None:
-            _describe(layer, site, chain)
+            layer.describe_chain(chain, site.in_spatial, site.out_spatial)
             layer.reason = self._margin_reason(layer)
             if layer.reason is None:
                 options = [chain] + (self._rounded_variants(site, weight, spectra, chain) if variants else [])
@@ -229,7 +229,7 @@ class _LayerDecomposer:
 
     def _passes_margin(self, site: ConvSite, chain: ChainSpec) -> bool:
         probe = _layer_base(site)
-        _describe(probe, site, chain)
+        probe.describe_chain(chain, site.in_spatial, site.out_spatial)
         return self._margin_reason(probe) is None
 
     def budget_options(self, candidates: list[Candidate], timer, opset: int | None) -> dict[str, list[Option]]:
@@ -336,15 +336,6 @@ class _LayerDecomposer:
         if short:
             return f"chain would change {', '.join(short)}; needs a cut of at least {m:.0%} (--min-reduction)"
         return None
-
-
-def _describe(layer: LayerReport, site: ConvSite, chain: ChainSpec) -> None:
-    """Fill ``layer``'s figures of ``chain`` (method, ranks, counts, reconstruction error)."""
-    layer.method, layer.ranks = chain.method, dict(chain.ranks)
-    layer.params_after = chain.params
-    if site.in_spatial is not None and site.out_spatial is not None:
-        layer.macs_after = chain.macs(site.in_spatial, site.out_spatial)
-    layer.rel_reconstruction_error = chain.rel_error
 
 
 def _spectra_for(name: str, spectra):

@@ -40,6 +40,15 @@ class LayerReport:
     latency: dict | None = None         # measured: original_ms, chain_ms, speedup, options tried
     seconds: float = 0.0
 
+    def describe_chain(self, chain, in_spatial: int | None, out_spatial: int | None) -> None:
+        """Fill this row's figures of ``chain`` (a ``ChainSpec``): method, ranks, parameter and MAC
+        counts (MACs only when both spatial sizes are known), reconstruction error."""
+        self.method, self.ranks = chain.method, dict(chain.ranks)
+        self.params_after = chain.params
+        if in_spatial is not None and out_spatial is not None:
+            self.macs_after = chain.macs(in_spatial, out_spatial)
+        self.rel_reconstruction_error = chain.rel_error
+
     @property
     def params_ratio(self) -> float | None:
         return _ratio(self.params_before, self.params_after)

@@ -90,11 +90,7 @@ def _apply_timing(candidate: Candidate, index: int) -> None:
     """Make option ``index`` the candidate's chain and refresh its report row."""
     chain, layer, site = candidate.options[index], candidate.layer, candidate.site
     candidate.chain, candidate.timing = chain, candidate.option_timings[index]
-    layer.method, layer.ranks = chain.method, dict(chain.ranks)
-    layer.params_after = chain.params
-    if site.in_spatial is not None and site.out_spatial is not None:
-        layer.macs_after = chain.macs(site.in_spatial, site.out_spatial)
-    layer.rel_reconstruction_error = chain.rel_error
+    layer.describe_chain(chain, site.in_spatial, site.out_spatial)
 
 
 def select_faster_layers(
