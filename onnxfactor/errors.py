@@ -61,3 +61,9 @@ class InternalError(Exception):
     """A bug in onnxfactor: an invariant did not hold. Not a user error."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty): ONNX Runtime's errors
+    run over many lines, our messages are one."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

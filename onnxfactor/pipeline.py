@@ -21,7 +21,7 @@ from onnxfactor import io as model_io
 from onnxfactor.io import check_output_path
 from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
 from onnxfactor.config import CompressConfig
-from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed
+from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed, first_line
 from onnxfactor.methods import AUTO, METHOD_CHOICES, METHODS, tucker2, tucker3
 from onnxfactor.methods.base import ChainSpec
 from onnxfactor.methods.cp import DegenerateFit
@@ -539,15 +539,14 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     return result.model, speed
 
 
-def _require_loadable(model: onnx.ModelProto, providers: list[str]) -> None:
-    """Raise :class:`InputModelError` when ONNX Runtime cannot load the input model (nothing to time)."""
+def _require_loadable(model: onnx.ModelProto | Path, providers: list[str]) -> None:
+    """Raise :class:`InputModelError` when ONNX Runtime cannot load the input model (a model or its file)."""
     from onnxfactor.validation.providers import make_session
 
     try:
         make_session(model, providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own types
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputModelError(f"ONNX Runtime cannot load the input model: {reason}; fix the input model first") from None
+        raise InputModelError(f"ONNX Runtime cannot load the input model: {first_line(e)}; fix the input model first") from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -620,14 +619,9 @@ def check_written_model(path: Path, original: Path | onnx.ModelProto | None = No
     try:
         make_session(path, ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own types
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if original is not None:
-            try:
-                make_session(original, ["CPUExecutionProvider"])
-            except Exception as e0:  # noqa: BLE001 - e.g. a weight whose type does not match its Conv input
-                reason0 = (str(e0).strip().splitlines() or [type(e0).__name__])[0]
-                raise InputModelError(f"ONNX Runtime cannot load the input model: {reason0}; fix the input model first") from None
-        raise OutputError(f"ONNX Runtime cannot load the rewritten model: {reason}") from None
+        if original is not None:  # e.g. a weight whose type does not match its Conv input
+            _require_loadable(original, ["CPUExecutionProvider"])
+        raise OutputError(f"ONNX Runtime cannot load the rewritten model: {first_line(e)}") from None
     return warnings
 
 

@@ -32,6 +32,7 @@ from typing import Callable
 import onnx
 
 from onnxfactor.analysis import ConvSite
+from onnxfactor.errors import first_line
 from onnxfactor.latency import LayerTiming, Timer, time_layer
 from onnxfactor.methods.base import ChainSpec
 from onnxfactor.report import LayerReport
@@ -115,8 +116,7 @@ def _select_one(candidate: Candidate, timer: Timer, *, margin: float, opset: int
     try:
         candidate.option_timings = [time_layer(timer, site, chain, opset=opset) for chain in candidate.options]
     except Exception as e:  # noqa: BLE001 - e.g. an op or dtype the provider cannot run alone
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        candidate.layer.latency = {"note": f"not timed ({reason}): kept by MACs"}
+        candidate.layer.latency = {"note": f"not timed ({first_line(e)}): kept by MACs"}
         return
     best = max(range(len(candidate.options)), key=lambda k: candidate.option_timings[k].speedup)
     _apply_timing(candidate, best)
