@@ -53,3 +53,10 @@ def mode_spectrum(matrix: np.ndarray) -> ModeSpectrum:
 def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
     """Mode-``mode`` unfolding: move axis ``mode`` first and flatten the rest (row-major)."""
     return np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def tail_energy(sq_singular_values: np.ndarray) -> np.ndarray:
+    """``tail[r] = sum_{k >= r} s_k^2`` for ``r = 0 .. n`` (``tail[n] = 0``): by Eckart-Young the
+    squared error of the best rank-``r`` approximation."""
+    sq = np.asarray(sq_singular_values, dtype=np.float64)
+    return np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])

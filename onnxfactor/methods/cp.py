@@ -68,7 +68,7 @@ from onnxfactor.methods import als, tucker2
 from onnxfactor.methods.base import ChainSpec, ConvGeometry, ConvSpec
 from onnxfactor.methods.tucker2 import WeightSpectra, as_three_way, group_slices
 from onnxfactor.ranks import policies
-from onnxfactor.spectral import mode_spectrum, unfold
+from onnxfactor.spectral import mode_spectrum, tail_energy, unfold
 
 #: ALS sweeps on the compressed core (stopping earlier when the relative error changes by < TOL).
 #: With 5 refinements, for the largest nudenet conv at rank 84 (CPU time, one core): 100 sweeps
@@ -551,7 +551,7 @@ def _eckart_young_rank(fitters: list["CPFitter"], target: float) -> int:
         sq = np.zeros(size)
         for f in fitters:
             sq[: f.sq_singular_values[n].size] += f.sq_singular_values[n]
-        tail = np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])  # tail[r] = sum_{k >= r} s_k^2
+        tail = tail_energy(sq)
         ok = np.nonzero(np.sqrt(np.clip(tail, 0.0, None) / sq_norm) <= target)[0]
         bound = max(bound, int(ok[0]) if ok.size else size)
     return bound
@@ -563,7 +563,7 @@ def _svd_rank_for_error(groups: list[np.ndarray], target: float) -> int | None:
     for wg in groups:
         m = wg.reshape(wg.shape[0], wg.shape[1]).astype(np.float64)
         s2 = np.linalg.svd(m, compute_uv=False) ** 2
-        tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])  # tail[r] = sum_{k >= r} s_k^2
+        tail = tail_energy(s2)
         tails = tail if tails is None else tails + tail
         total += float(s2.sum())
     if total == 0.0:

@@ -30,6 +30,7 @@ import numpy as np
 
 from onnxfactor.methods.base import ChainSpec, ConvGeometry
 from onnxfactor.methods.tucker2 import WeightSpectra, as_three_way, group_slices
+from onnxfactor.spectral import tail_energy
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def _svd_chain_for_error(decompose, weight, geometry, target, *, spectra, cost, 
     """Smallest SVD rank (a multiple of ``step``) meeting ``target`` for a pointwise conv (Eckart-Young)."""
     sq = sum(s.singular_values.astype(np.float64) ** 2 for s in spectra.matrix)
     total = float(sq.sum())
-    tail = np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])  # tail[r] = error^2 of rank r
+    tail = tail_energy(sq)  # tail[r] = error^2 of rank r
     ranks = _rank_axis(sq.size, step)
     errors = np.sqrt(np.clip(tail[ranks], 0.0, None) / total) if total > 0 else np.zeros(ranks.size)
     best = _cheapest(errors, cost.svd(ranks).astype(float), target, max_cost)
