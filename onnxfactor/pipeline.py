@@ -184,7 +184,6 @@ class _LayerDecomposer:
             layer.reason = reason
             return layer, []
         choice, weight, spectra = self.choose(site)
-        layer.modes = [m.to_dict() for m in choice.modes]
         if self.auto or self.config.ranks.policy == "error":
             chain, choice, layer.reason = self._search(site, weight, spectra, choice, layer)
         elif not choice.decomposes:
@@ -468,8 +467,8 @@ def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi
     not copied again); otherwise a copy of the normalised model is rewritten, for timing a trial.
     """
     if in_place:
-        graph, base, sites = prep.graph, prep.loaded.model, {(c.site.graph_path, c.site.name): c.site for c in candidates}
-    else:
+        graph, base, sites = prep.graph, prep.loaded.model, None
+    else:  # the same sites, found again in the copy
         base = _copy(prep.loaded.model)
         graph = gs.import_onnx(base)
         name_unnamed_nodes(graph)
@@ -480,7 +479,7 @@ def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi
         if c.chain is None:
             continue
         c.layer.reason = None
-        site = sites[(c.site.graph_path, c.site.name)]
+        site = c.site if sites is None else sites[(c.site.graph_path, c.site.name)]
         c.layer.new_nodes = _apply(rewriter, Candidate(site, c.layer, [c.chain]), hooi_iters)
         c.layer.status = "decomposed"
     out = export_model(graph, base)
@@ -504,7 +503,7 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     speed = {"providers": providers, "threads": latency.threads, "margin": latency.margin}
     budget = latency.target_speedup is not None or latency.max_latency_ms is not None
 
-    def build(applied):
+    def build():
         return _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters)
 
     if budget:

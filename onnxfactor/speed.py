@@ -171,7 +171,7 @@ def _usefulness(candidates: list[Candidate]) -> list[Candidate]:
 
 def guard_end_to_end(
     candidates: list[Candidate],
-    build: Callable[[list[Candidate]], onnx.ModelProto],
+    build: Callable[[], onnx.ModelProto],
     original: onnx.ModelProto,
     feeds: dict,
     timer: Timer,
@@ -183,14 +183,14 @@ def guard_end_to_end(
 
     With the per-layer ``margin`` here too, a model that is only within measurement noise of the
     original is rolled back to the original rather than written as a "speedup" nobody can
-    reproduce. ``build(applied)`` returns the model with exactly the applied candidates' chains. Rolled-back
+    reproduce. ``build()`` returns the model with every candidate's current ``chain`` applied. Rolled-back
     candidates get ``chain = None`` and a reason. The result's ``model`` is the last model built
     (the one the last measurement describes), with nothing rolled back when ``allow_slower``.
     """
     result = GuardResult()
     while True:
         applied = [c for c in candidates if c.chain is not None]
-        model = build(applied)
+        model = build()
         pair = timer.time_pair(original, model, feeds)
         speedup = pair.a_ms / pair.b_ms if pair.b_ms > 0 else math.inf
         result.rounds.append({"layers": len(applied), "original_ms": pair.a_ms, "compressed_ms": pair.b_ms, "speedup": speedup})
@@ -274,7 +274,7 @@ def _greedy(ladders: dict[str, list[Option]], required_ms: float) -> dict[str, i
 def meet_budget(
     candidates: list[Candidate],
     levels: dict[str, list[Option]],
-    build: Callable[[list[Candidate]], onnx.ModelProto],
+    build: Callable[[], onnx.ModelProto],
     original: onnx.ModelProto,
     feeds: dict,
     timer: Timer,
@@ -325,7 +325,7 @@ def meet_budget(
             break
         last = chosen
         choose(chosen)
-        model = build([c for c in candidates if c.chain is not None])
+        model = build()
         pair = timer.time_pair(original, model, feeds)
         saved = sum(ladders[n][i].saved_ms for n, i in chosen.items())
         speedup = pair.a_ms / pair.b_ms if pair.b_ms > 0 else math.inf
