@@ -13,7 +13,7 @@ they replace. This module measures instead of predicting:
   :class:`OrtTimer` runs ONNX Runtime sessions made with ``make_session(measuring=True)``,
   interleaved and adaptively (it stops once the ratio of the medians is stable);
   :class:`FakeTimer` returns synthetic costs (:func:`macs_cost`, :func:`node_cost`) for tests.
-* :func:`time_layer` ties them together into a :class:`LayerTiming`. Two whole models are timed
+* :func:`time_layer` / :func:`time_chains` tie them together into :class:`LayerTiming` results. Two whole models are timed
   with the same ``timer.time_pair(original, compressed, feeds)``; :class:`OrtTimer`'s
   ``max_seconds`` keeps that bounded for large models.
 
@@ -444,5 +444,20 @@ def time_layer(
     seed: int = 0,
 ) -> LayerTiming:
     """Time ``site``'s Conv against ``chain`` with ``timer`` on seeded random input (see :func:`layer_models`)."""
-    original, decomposed = layer_models(site, chain, opset=opset, with_activation=with_activation)
-    return LayerTiming.from_pair(timer.time_pair(original, decomposed, layer_feeds(original, seed=seed)))
+    return time_chains(timer, site, [chain], opset=opset, with_activation=with_activation, seed=seed)[0]
+
+
+def time_chains(
+    timer: Timer,
+    site: ConvSite,
+    chains: list[ChainSpec],
+    *,
+    opset: int | None = None,
+    with_activation: bool = True,
+    seed: int = 0,
+) -> list[LayerTiming]:
+    """:func:`time_layer` for several chains of one layer: the original micro model and its input
+    are built once, each chain is timed against it."""
+    original = layer_model(site, opset=opset, with_activation=with_activation)
+    feeds = layer_feeds(original, seed=seed)
+    return [LayerTiming.from_pair(timer.time_pair(original, chain_model(original, chain), feeds)) for chain in chains]

@@ -233,22 +233,22 @@ class _LayerDecomposer:
 
     def budget_options(self, candidates: list[Candidate], timer, opset: int | None) -> dict[str, list[Option]]:
         """Per timeable candidate, its chain at each weakening level of :data:`BUDGET_LEVELS` (and,
-        with ``rank_search``, that chain with ranks rounded up to x16), each timed against the Conv."""
-        from onnxfactor.latency import time_layer
+        with ``rank_search``, its rank-rounded variants), each timed against the Conv."""
+        from onnxfactor.latency import time_chains
 
         levels = {}
         for c in candidates:
             site = c.site
             if site.graph_path or site.input_shape is None:
                 continue
-            options = []
+            found = []  # (level, chain)
             for level in BUDGET_LEVELS:
                 ranks = dataclasses.replace(self.config.ranks, policy="weakened", weaken=level)
                 sub = _LayerDecomposer(dataclasses.replace(self.config, ranks=ranks), self.explicit, [site])
                 _, chains = sub.run(site, variants=self.config.latency.rank_search)
-                for chain in chains:
-                    options.append(Option(level, chain, time_layer(timer, site, chain, opset=opset)))
-            levels[site.name] = options
+                found += [(level, chain) for chain in chains]
+            timings = time_chains(timer, site, [chain for _, chain in found], opset=opset)
+            levels[site.name] = [Option(level, chain, t) for (level, chain), t in zip(found, timings)]
         return levels
 
     def _decompose(self, site: ConvSite, weight: np.ndarray, spectra, choice: RankChoice):

@@ -5,7 +5,7 @@ MAC/parameter margin. With a :class:`~onnxfactor.latency.Timer` (ONNX Runtime in
 one in tests) this module
 
 1. :func:`select_faster_layers` times every candidate's Conv against its chain alone, at the
-   layer's real input shape (:func:`onnxfactor.latency.time_layer`), together with the chain's
+   layer's real input shape (:func:`onnxfactor.latency.time_chains`), together with the chain's
    rank-rounded variants (ranks rounded up to multiples of 8 and 16: the reconstruction error can
    only fall) and keeps the fastest variant if it beats the Conv by ``1 + margin``; otherwise
    the layer is kept undecomposed, with both timings in its reason;
@@ -33,7 +33,7 @@ import onnx
 
 from onnxfactor.analysis import ConvSite
 from onnxfactor.errors import first_line
-from onnxfactor.latency import LayerTiming, Timer, time_layer
+from onnxfactor.latency import LayerTiming, Timer, time_chains
 from onnxfactor.methods.base import ChainSpec
 from onnxfactor.report import LayerReport
 
@@ -114,7 +114,7 @@ def _select_one(candidate: Candidate, timer: Timer, *, margin: float, opset: int
         candidate.layer.latency = {"note": "not timed (inside a subgraph or input shape unknown): kept by MACs"}
         return
     try:
-        candidate.option_timings = [time_layer(timer, site, chain, opset=opset) for chain in candidate.options]
+        candidate.option_timings = time_chains(timer, site, candidate.options, opset=opset)
     except Exception as e:  # noqa: BLE001 - e.g. an op or dtype the provider cannot run alone
         candidate.layer.latency = {"note": f"not timed ({first_line(e)}): kept by MACs"}
         return
