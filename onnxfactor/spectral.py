@@ -60,3 +60,22 @@ def tail_energy(sq_singular_values: np.ndarray) -> np.ndarray:
     squared error of the best rank-``r`` approximation."""
     sq = np.asarray(sq_singular_values, dtype=np.float64)
     return np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])
+
+
+@dataclass(frozen=True)
+class WeightSpectra:
+    """Per-group spectra of a weight's unfoldings, computed once for rank choice and factors.
+
+    For a k x k conv, ``out`` / ``in_`` hold the mode-0 / mode-1 unfolding spectra of each group
+    (``in_`` is ``None`` when the input mode is not considered) and ``spatial`` the spectra of the
+    ``prod(kernel) x C_out C_in`` unfolding (only for the methods that decompose the spatial mode,
+    CP and spatial Tucker). For a pointwise conv ``matrix`` holds the spectrum of each group's
+    ``C_out x C_in`` matrix, of its transpose when ``transposed`` (we always eigendecompose the
+    smaller Gram matrix).
+    """
+
+    out: tuple[ModeSpectrum, ...] | None = None
+    in_: tuple[ModeSpectrum, ...] | None = None
+    matrix: tuple[ModeSpectrum, ...] | None = None
+    transposed: bool = False
+    spatial: tuple[ModeSpectrum, ...] | None = None

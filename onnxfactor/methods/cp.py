@@ -66,9 +66,9 @@ import numpy as np
 from onnxfactor.config import RankConfig
 from onnxfactor.methods import als, tucker2
 from onnxfactor.methods.base import ChainSpec, ConvGeometry, ConvSpec
-from onnxfactor.methods.tucker2 import WeightSpectra, as_three_way, group_slices
+from onnxfactor.methods.tucker2 import as_three_way, group_slices
 from onnxfactor.ranks import policies
-from onnxfactor.spectral import mode_spectrum, tail_energy, unfold
+from onnxfactor.spectral import WeightSpectra, mode_spectrum, tail_energy, unfold
 
 #: ALS sweeps on the compressed core (stopping earlier when the relative error changes by < TOL).
 #: With 5 refinements, for the largest nudenet conv at rank 84 (CPU time, one core): 100 sweeps

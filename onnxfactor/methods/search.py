@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxfactor.methods.base import ChainSpec, ConvGeometry
-from onnxfactor.methods.tucker2 import WeightSpectra, as_three_way, group_slices
-from onnxfactor.spectral import tail_energy
+from onnxfactor.methods.tucker2 import as_three_way, group_slices
+from onnxfactor.spectral import WeightSpectra, tail_energy
 
 
 @dataclass(frozen=True)

@@ -26,33 +26,12 @@ the second, with the bias.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from onnxfactor.config import RankConfig
 from onnxfactor.methods.base import ChainSpec, ConvGeometry, ConvSpec
 from onnxfactor.ranks import policies
-from onnxfactor.spectral import ModeSpectrum, mode_spectrum, unfold
-
-
-@dataclass(frozen=True)
-class WeightSpectra:
-    """Per-group spectra of a weight's unfoldings, computed once for rank choice and factors.
-
-    For a k x k conv, ``out`` / ``in_`` hold the mode-0 / mode-1 unfolding spectra of each group
-    (``in_`` is ``None`` when the input mode is not considered) and ``spatial`` the spectra of the
-    ``prod(kernel) x C_out C_in`` unfolding (only for the methods that decompose the spatial mode,
-    CP and spatial Tucker). For a pointwise conv ``matrix`` holds the spectrum of each group's
-    ``C_out x C_in`` matrix, of its transpose when ``transposed`` (we always eigendecompose the
-    smaller Gram matrix).
-    """
-
-    out: tuple[ModeSpectrum, ...] | None = None
-    in_: tuple[ModeSpectrum, ...] | None = None
-    matrix: tuple[ModeSpectrum, ...] | None = None
-    transposed: bool = False
-    spatial: tuple[ModeSpectrum, ...] | None = None
+from onnxfactor.spectral import WeightSpectra, mode_spectrum, unfold
 
 
 def group_slices(weight: np.ndarray, group: int) -> list[np.ndarray]:

@@ -34,8 +34,9 @@ from onnxfactor import _tensorly
 from onnxfactor.config import RankConfig
 from onnxfactor.methods import tucker2
 from onnxfactor.methods.base import ChainSpec, ConvGeometry, ConvSpec
-from onnxfactor.methods.tucker2 import WeightSpectra, as_three_way, group_slices
+from onnxfactor.methods.tucker2 import as_three_way, group_slices
 from onnxfactor.ranks import policies
+from onnxfactor.spectral import WeightSpectra
 
 
 def weight_spectra(weight: np.ndarray, geometry: ConvGeometry, *, in_mode: bool = True) -> WeightSpectra:

@@ -31,17 +31,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnxfactor.config import RankConfig
 from onnxfactor.errors import UsageError
 from onnxfactor.ranks.vbmf import evbmf_from_singular_values
-from onnxfactor.spectral import ModeSpectrum
-
-if TYPE_CHECKING:  # the methods import this module; a runtime import would be circular
-    from onnxfactor.methods.tucker2 import WeightSpectra
+from onnxfactor.spectral import ModeSpectrum, WeightSpectra
 
 
 @dataclass(frozen=True)
