@@ -32,6 +32,27 @@ class Rank0Rule(str, Enum):
     min = "min"
 
 
+class ResizeMode(str, Enum):
+    stretch = "stretch"
+    letterbox = "letterbox"
+    short_side_center_crop = "short-side+center-crop"
+
+
+class ChannelOrderName(str, Enum):
+    rgb = "rgb"
+    bgr = "bgr"
+
+
+class FitName(str, Enum):
+    data = "data"
+    weights = "weights"
+
+
+class LayoutName(str, Enum):
+    nchw = "nchw"
+    nhwc = "nhwc"
+
+
 InputModel = Annotated[Path, typer.Argument(help="Input ONNX model (never modified).", show_default=False)]
 InputShapes = Annotated[
     Optional[list[str]],
@@ -64,8 +85,90 @@ Hooi = Annotated[int, typer.Option("--hooi", help="HOOI refinement sweeps after 
 Nodes = Annotated[Optional[list[str]], typer.Option("--node", help="Only decompose this Conv node (repeatable).", show_default=False)]
 Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Never decompose this Conv node (repeatable).", show_default=False)]
 Data = Annotated[
-    Optional[Path],
-    typer.Option(help="Validation inputs: .npz keyed by input name (+ optional 'labels'). Default: seeded random inputs.", show_default=False),
+    Optional[str],
+    typer.Option(
+        "--data", metavar="PATH",
+        help="Validation inputs: an .npz keyed by input name (+ optional 'labels'), a folder of images (see --image-size), "
+        "or a data-loader script file.py[:function] (default function load_data). Default: seeded random inputs.",
+        show_default=False,
+    ),
+]
+Calibration = Annotated[
+    Optional[str],
+    typer.Option(
+        "--calibration", metavar="PATH",
+        help="Inputs the factors are fitted to: an .npz keyed by input name, a folder of images (see --image-size), "
+        "or a data-loader script file.py[:function] (default function load_data). Must not share samples with --data "
+        "(see --allow-overlap).",
+        show_default=False,
+    ),
+]
+CalibrationSamples = Annotated[
+    Optional[int],
+    typer.Option("--calibration-samples", metavar="N", help="Fit to at most this many samples of --calibration.", show_default=False, min=1),
+]
+ImageSize = Annotated[
+    Optional[str],
+    typer.Option(
+        "--image-size", metavar="HxW",
+        help="Image folders: resize images to this size (default: the model input's fixed height and width).", show_default=False,
+    ),
+]
+Resize = Annotated[
+    ResizeMode,
+    typer.Option(
+        "--resize",
+        help="Image folders: stretch (ignore the aspect ratio), letterbox (fit inside, pad with 114) or "
+        "short-side+center-crop (cover, crop the center). Bilinear interpolation.",
+    ),
+]
+Scale = Annotated[
+    float, typer.Option("--scale", help="Image folders: pixel values 0..255 are multiplied by this first (1/255 maps them to 0..1).")
+]
+Mean = Annotated[
+    Optional[str],
+    typer.Option("--mean", metavar="M[,M,M]", help="Image folders: subtracted per channel after --scale, e.g. 0.485,0.456,0.406.", show_default=False),
+]
+Std = Annotated[
+    Optional[str],
+    typer.Option("--std", metavar="S[,S,S]", help="Image folders: divides per channel after --mean, e.g. 0.229,0.224,0.225.", show_default=False),
+]
+ChannelOrder = Annotated[ChannelOrderName, typer.Option("--channel-order", help="Image folders: channel order of 3-channel inputs.")]
+Layout = Annotated[
+    Optional[LayoutName],
+    typer.Option("--layout", help="Image folders: input layout. Default: inferred from the input's shape (1 or 3 channels).", show_default=False),
+]
+Fit = Annotated[
+    FitName,
+    typer.Option(
+        "--fit",
+        help="With --calibration: data (factors fitted to each layer's output on the calibration inputs) or weights "
+        "(fitted to the weights only, as without calibration data).",
+    ),
+]
+Correct = Annotated[
+    bool,
+    typer.Option(
+        "--correct/--no-correct",
+        help="With --calibration: refit each chain's last conv, in topological order, to the original output on inputs "
+        "from the already compressed network (ridge least squares).",
+    ),
+]
+Reconstruct = Annotated[
+    int,
+    typer.Option(
+        "--reconstruct", metavar="STEPS",
+        help="With --calibration: that many Adam steps per chain on all its factors after the correction, matching the "
+        "original output after the layer's activation (PyTorch, [finetune] extra); 0 = off.", min=0,
+    ),
+]
+CalibrationMemory = Annotated[
+    float,
+    typer.Option("--calibration-memory", metavar="MB", help="Memory budget of the calibration statistics (see README).", min=16.0),
+]
+AllowOverlap = Annotated[
+    bool,
+    typer.Option("--allow-overlap", help="Allow --calibration and --data to share files or samples (accuracy on them is optimistic)."),
 ]
 Seed = Annotated[int, typer.Option(help="Seed of the random validation inputs.")]
 MaxSamples = Annotated[Optional[int], typer.Option(help="Validate on at most this many samples of --data.", show_default=False, min=1)]

@@ -328,8 +328,9 @@ def validate(
 ) -> ValidationResult:
     """Run both models on ``inputs`` and compare outputs, accuracy (with labels) and latency.
 
-    Sessions are made with ``measuring=True`` and identical options. Outputs are compared batch by
-    batch (see the module docstring); latency is measured on the first batch with
+    Sessions are made with ``measuring=True`` and identical options. Batches are read one at a time
+    and outputs compared batch by batch (see the module docstring), so a large image folder is never
+    held in memory; latency is measured on the first batch with
     :func:`measure_latency` (``latency_runs=0`` skips it). ``providers`` in the result are the ones
     the original model's session actually uses.
     """
@@ -345,15 +346,25 @@ def validate(
             f"compare a model with its own compressed version"
         )
     comparison = _Comparison(names_o)
-    for feeds in inputs.batches:
+    # Streamed: only the current batch and the first one (for the latency runs) are held.
+    first = None
+    samples = 0
+    labels: list[np.ndarray] = []
+    for batch in inputs.iter_batches():
+        feeds = batch.feeds
+        if first is None:
+            first = feeds
         comparison.add(_run(session_o, feeds, "original", inputs.source), _run(session_c, feeds, "compressed", inputs.source))
-    accuracy_o, accuracy_c = comparison.accuracies(inputs.labels)
+        samples += batch.size
+        if batch.labels is not None:
+            labels.append(batch.labels)
+    accuracy_o, accuracy_c = comparison.accuracies(np.concatenate(labels) if labels else None)
     latency_o = latency_c = None
-    if latency_runs > 0 and inputs.batches:
-        latency_o, latency_c = measure_latency([session_o, session_c], inputs.batches[0], runs=latency_runs)
+    if latency_runs > 0 and first is not None:
+        latency_o, latency_c = measure_latency([session_o, session_c], first, runs=latency_runs)
     return ValidationResult(
         outputs=comparison.results(),
-        samples=inputs.samples,
+        samples=samples,
         input_source=inputs.source,
         providers=list(session_o.get_providers()),
         accuracy_original=accuracy_o,

@@ -168,7 +168,8 @@ def test_main_module_pins_blas_threads_before_numpy(tmp_path):
         (["compress", "--help"], ["INPUT_MODEL", "OUTPUT_MODEL", "--ranks", "--rank-file", "--weaken", "--input-shape",
                                   "--data", "--provider", "--max-rel-error", "--no-validate", "--report", "--quiet"]),
         (["analyze", "--help"], ["--ranks", "--rank-file", "--input-shape", "--report"]),
-        (["validate", "--help"], ["--data", "--provider", "--max-rel-error", "--report", "--latency-runs"]),
+        (["validate", "--help"], ["--data", "--provider", "--max-rel-error", "--report", "--latency-runs", "--image-size", "--resize",
+                                  "short-side+center-crop", "--scale", "--mean", "--std", "--channel-order", "--layout"]),
     ],
     ids=["app", "compress", "analyze", "validate"],
 )
@@ -531,3 +532,54 @@ def test_validate(compressed):
     v0 = json.loads((work / "v0.json").read_text())
     assert v0["input_source"] == "random (seed 0)"
     assert v0["outputs"][0]["rel_l2"] == pytest.approx(rel_l2(outputs_of(original, x0), outputs_of(out, x0)), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# validate on an image folder; bad data
+
+
+def image_conv_model(bias: float = 0.0) -> onnx.ModelProto:
+    """Conv 3->4 3x3 (pad 1) on ``x`` ``[N, 3, 8, 8]``; ``bias`` shifts every output."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = np.full(4, bias, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])], "image_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_validate_on_an_image_folder(tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    from onnxfactor.data import open_source
+
+    onnx.save(image_conv_model(), tmp_path / "a.onnx")
+    onnx.save(image_conv_model(bias=0.1), tmp_path / "b.onnx")
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    for i in range(5):
+        folder = tmp_path / "photos" / ("sub" if i % 2 else "")
+        image.fromarray(rng.integers(0, 256, (12 + i, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    proc = cli("validate", "a.onnx", "b.onnx", "--data", "photos", "--report", "v.json", "--latency-runs", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["samples"] == 5 and v["input_source"] == "images in photos/ (5 files, stretch 8x8)"
+    x = np.concatenate([b.feeds["x"] for b in open_source(tmp_path / "photos", image_conv_model()).batches()])
+    a, b = outputs_of(tmp_path / "a.onnx", x), outputs_of(tmp_path / "b.onnx", x)
+    assert v["outputs"][0]["rel_l2"] == pytest.approx(rel_l2(a, b), rel=1e-6)
+
+    proc = cli("validate", "a.onnx", "b.onnx", "--data", "photos", "--image-size", "8by8", cwd=tmp_path)
+    assert_user_error(proc, 2, "--image-size", "'8by8'")
+
+
+def test_validate_refuses_nan_data(work):
+    x = np.random.default_rng(1).standard_normal((3, 32, 16, 16)).astype(np.float32)
+    x[2, 0, 5, 5] = np.nan
+    np.savez(work / "nan.npz", x=x)
+    proc = cli("validate", "tiny.onnx", "tiny.onnx", "--data", "nan.npz", "--latency-runs", "0", cwd=work)
+    assert_user_error(proc, 2, "array 'x' in nan.npz holds NaN at sample 2; remove or fix that sample")

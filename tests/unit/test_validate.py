@@ -400,6 +400,50 @@ def test_npz_bad_files(tmp_path):
         make_inputs(classifier(), data=tmp_path / "text.npz")
 
 
+def test_npz_nan_is_a_usage_error(npz):
+    """An npz full of NaN used to validate as 'top-1 agree 1.0000'; now it names the array and the sample."""
+    x = samples(10)
+    x[4:] = np.nan
+    with pytest.raises(UsageError) as info:
+        make_inputs(classifier("N"), data=npz("bad.npz", x=x))
+    assert str(info.value) == "array 'x' in bad.npz holds NaN at sample 4; remove or fix that sample"
+
+
+def test_make_inputs_takes_every_data_form(npz, tmp_path):
+    x = samples(6)
+    labels = np.arange(6) % CLASSES
+    np.savez(tmp_path / "arrays.npz", x=x, labels=labels)
+    (tmp_path / "loader.py").write_text(
+        "import numpy as np\n"
+        f"def batches():\n    d = np.load({str(tmp_path / 'arrays.npz')!r})\n"
+        "    return [{'x': d['x'][i:i + 4], 'labels': d['labels'][i:i + 4]} for i in (0, 4)]\n"
+    )
+    model = classifier("N")
+    from_npz = make_inputs(model, data=npz(x=x, labels=labels), batch_size=4)
+    from_script = make_inputs(model, data=f"{tmp_path / 'loader.py'}:batches")
+    from_list = make_inputs(model, data=[{"x": x[:4], "labels": labels[:4]}, {"x": x[4:], "labels": labels[4:]}])
+    from_generator = make_inputs(model, data=({"x": x[i:i + 4], "labels": labels[i:i + 4]} for i in (0, 4)))
+    for inputs in (from_npz, from_script, from_list, from_generator):
+        assert [len(b["x"]) for b in inputs.batches] == [4, 2] and inputs.samples == 6
+        np.testing.assert_array_equal(np.concatenate([b["x"] for b in inputs.batches]), x)
+        np.testing.assert_array_equal(inputs.labels, labels)
+    assert from_npz.source == "data.npz (6 samples)" and from_script.source == "loader.py:batches (6 samples)"
+    assert make_inputs(model, data=from_script.feeds, max_samples=5).samples == 5  # an open FeedSource, limited
+
+
+def test_make_inputs_image_folder(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pil.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    from onnxfactor.data import ImageSpec
+
+    inputs = make_inputs(classifier("N"), data=tmp_path, images=ImageSpec(mean=(0.5,), std=(0.5,)), batch_size=2)
+    assert inputs.source == f"images in {tmp_path.name}/ (3 files, stretch 4x4)" and inputs.samples == 3
+    assert inputs.labels is None and inputs.first["x"].shape == (2, 3, 4, 4)
+    assert -1.0 <= inputs.first["x"].min() and inputs.first["x"].max() <= 1.0
+
+
 @pytest.mark.parametrize(("option", "value"), [("max_samples", 0), ("batch_size", 0)])
 def test_make_inputs_bad_counts(option, value):
     with pytest.raises(UsageError):
@@ -552,6 +596,27 @@ def test_validate_batches_equal_one_big_batch(npz):
     one_run = validate(classifier(10), classifier(10, bias_delta=delta), inputs=make_inputs(classifier(10), data=npz("b.npz", x=x)), providers=CPU, latency_runs=0)
     assert per_sample.outputs[0].rel_l2 == pytest.approx(one_run.outputs[0].rel_l2, rel=1e-6)
     assert per_sample.outputs[0].top1_agreement == one_run.outputs[0].top1_agreement
+
+
+def test_validate_streams_batches(monkeypatch):
+    """validate() reads the source batch by batch: it never asks for the list of all batches."""
+    from onnxfactor.validation.inputs import InputSet as Inputs
+
+    delta = np.array([0.3, -0.2, 0.0, 0.5, -0.4], np.float32)
+    x = samples(10, seed=5)
+    labels = np.random.default_rng(7).integers(0, CLASSES, 10)
+    model, perturbed = classifier("N"), classifier("N", bias_delta=delta)
+    generator = ({"x": x[i:i + 3], "labels": labels[i:i + 3]} for i in range(0, 10, 3))
+    inputs = make_inputs(model, data=generator)
+    monkeypatch.setattr(Inputs, "batches", property(lambda self: pytest.fail("validate held every batch")))
+    result = validate(model, perturbed, inputs=inputs, providers=CPU, latency_runs=2)
+    (ya,) = run_ort(model, {"x": x})
+    (yb,) = run_ort(perturbed, {"x": x})
+    assert result.samples == 10 and result.input_source == "generator of feed dicts (10 samples)"
+    assert result.outputs[0].rel_l2 == pytest.approx(rel_l2(ya, yb), rel=1e-6)
+    assert result.accuracy_original == pytest.approx(np.mean(ya.argmax(1) == labels))
+    assert result.accuracy_compressed == pytest.approx(np.mean(yb.argmax(1) == labels))
+    assert result.latency_original.runs == 2
 
 
 def test_validate_errors(tmp_path):
