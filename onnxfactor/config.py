@@ -75,6 +75,74 @@ class LatencyConfig:
     threads: int | None = None
 
 
+FIT_CHOICES = ("data", "weights")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration data is used (see :mod:`onnxfactor.calibration`); inactive without calibration data.
+
+    fit:
+        ``data`` (default): factors minimise the layer's output error on the calibration inputs
+        (input-whitened fit, response-covariance output basis, bias correction); ``weights``: the
+        weight-only fit, as without calibration data.
+    correct:
+        Sequential correction: in topological order, refit the last conv of every chain (weights
+        and bias, ridge least squares) to the original model's output at the same tensor, on
+        inputs produced by the already compressed upstream network.
+    reconstruct_steps:
+        Layer-wise reconstruction with PyTorch (``[finetune]`` extra): that many Adam steps per chain
+        on all its factors, after the correction; 0 = off. ``reconstruct_lr`` is Adam's step size.
+    samples:
+        Use at most this many calibration samples (None: all).
+    memory_mb:
+        Budget for the calibration stage's own arrays: exposed activations of one run, tiles and
+        the cached tile samples each get a quarter; the moment matrices come on top (reported).
+    ridge:
+        Ridge of the input covariance before its Cholesky factor, relative to its mean eigenvalue:
+        ``C + ridge * tr(C) / n * I``. It bounds how much the fit trusts directions the calibration
+        inputs never excite (see :mod:`onnxfactor.calibration.fit`).
+    correct_ridge:
+        Ridge of the correction's least squares, relative to the mean eigenvalue of the features'
+        covariance, pulling the refitted factor towards the current one.
+    stages:
+        At most this many correction passes: the chains are split, in topological order, into that
+        many groups corrected together (one ONNX Runtime pass over the tile samples each).
+    correction_samples:
+        The samples the correction passes run on (and the tiles come from): that many, spread evenly
+        over the calibration data (fewer when their feeds would exceed a quarter of ``memory_mb``).
+    correction_positions:
+        At most this many pixels per layer enter the correction's least squares (a random subset
+        of each correction sample's output pixels).
+    tiles:
+        Input tiles kept per layer (``TILE_EXTENT`` output positions each) for measured output
+        errors and the reconstruction.
+    seed:
+        Seed of the tile sampling.
+    provider:
+        ONNX Runtime execution provider of the calibration runs (None: CUDA if available, else CPU).
+    batch_size:
+        Samples per batch read from an ``.npz`` or an image folder (runs are split further to stay
+        within ``memory_mb``).
+    """
+
+    fit: str = "data"
+    correct: bool = True
+    reconstruct_steps: int = 0
+    reconstruct_lr: float = 1e-4
+    samples: int | None = None
+    memory_mb: float = 1024.0
+    ridge: float = 1e-3
+    correct_ridge: float = 1e-3
+    stages: int = 8
+    correction_samples: int = 128
+    correction_positions: int = 1 << 18
+    tiles: int = 512
+    seed: int = 0
+    provider: str | None = None
+    batch_size: int = 64
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Options of :func:`onnxfactor.compress`.
@@ -102,6 +170,9 @@ class CompressConfig:
         ``None`` (the library default) decides by MACs alone; a :class:`LatencyConfig` times every
         decomposed layer and the whole model in ONNX Runtime and keeps only what is faster (the
         CLI's default, ``--no-measure`` turns it off).
+    calibration:
+        How calibration data is used when :func:`onnxfactor.compress` gets some (``calibration=``);
+        see :class:`CalibrationConfig`.
     """
 
     ranks: RankConfig = field(default_factory=RankConfig)
@@ -112,3 +183,4 @@ class CompressConfig:
     nodes: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     latency: LatencyConfig | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)

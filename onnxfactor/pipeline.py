@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from onnxfactor import io as model_io
 from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
-from onnxfactor.config import CompressConfig
+from onnxfactor.config import FIT_CHOICES, CompressConfig
 from onnxfactor.decompose import LayerDecomposer
 from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed, first_line
 from onnxfactor.io import check_output_path
@@ -123,6 +123,8 @@ def compress(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
     timer=None,
+    calibration=None,
+    images=None,
 ) -> CompressResult:
     """Decompose the Conv layers of ``model`` and return the rewritten model and a report.
 
@@ -131,6 +133,10 @@ def compress(
     for the defaults. With ``config.latency`` set, layers are kept only where ONNX Runtime measures
     them faster and the model is guarded end to end (see :mod:`onnxfactor.speed`); ``timer``
     replaces the ONNX Runtime timer (:class:`onnxfactor.latency.Timer`, e.g. a fake one in tests).
+    ``calibration`` (an ``.npz``, an image folder read with ``images``, a ``script.py[:function]``,
+    any iterable of feed dicts or an ONNX Runtime ``CalibrationDataReader``; see
+    :func:`onnxfactor.data.open_source`) fits the factors to the layers' outputs on those inputs
+    and corrects them sequentially, as ``config.calibration`` says (:mod:`onnxfactor.calibration`).
     Nothing is written to disk; see :func:`compress_file`.
     """
     config = config or CompressConfig()
@@ -139,9 +145,13 @@ def compress(
     prep = _prepare(model, input_shapes)
     explicit = _load_explicit(config, prep.sites)
     timings["load_and_analyse"] = time.perf_counter() - t0
+    reconstruct = _reconstructor(config) if calibration is not None else None  # a missing torch fails fast
+    calib = _calibrate(prep, config, explicit, calibration, images, progress)
+    if calib is not None:
+        timings["calibration_statistics"] = calib.seconds
 
     t1 = time.perf_counter()
-    decomposer = LayerDecomposer(config, explicit, prep.sites)
+    decomposer = LayerDecomposer(config, explicit, prep.sites, calib)
     measuring = config.latency is not None
     layers, candidates = [], []
     for index, site in enumerate(prep.sites):
@@ -155,14 +165,20 @@ def compress(
 
     t2 = time.perf_counter()
     params_before = _model_params(prep.loaded.model)
-    speed = None
+    speed = out = None
     if measuring and candidates:
         t = time.perf_counter()
         out, speed = _measured_selection(prep, decomposer, candidates, config, timer, progress)
         timings["latency"] = time.perf_counter() - t
-    else:
+    correction = None
+    if calib is not None and (config.calibration.correct or reconstruct is not None):
+        t = time.perf_counter()
+        correction = _correct(prep, candidates, calib, config, reconstruct, progress)
+        timings["correction"] = time.perf_counter() - t
+        out = None  # the corrected weights go into the final build
+    if out is None:
         out = _build(prep, candidates, in_place=True, hooi_iters=config.hooi_iters)
-    timings["export"] = time.perf_counter() - t2 - timings.get("latency", 0.0)
+    timings["export"] = time.perf_counter() - t2 - timings.get("latency", 0.0) - timings.get("correction", 0.0)
 
     report = CompressReport(
         config=dataclasses.asdict(config),
@@ -174,6 +190,7 @@ def compress(
         timings=timings,
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
         speed=speed,
+        calibration=None if calib is None else {**calib.to_dict(), "fit": config.calibration.fit, "correction": correction},
     )
     if speed is not None and speed.get("warning"):
         report.warnings.append(speed["warning"])
@@ -183,9 +200,54 @@ def compress(
     return CompressResult(out, report, external_data=prep.loaded.external_data)
 
 
+def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, images, progress):
+    """Statistics of the selected main-graph Convs on the calibration data (None without data)."""
+    if calibration is None:
+        return None
+    from onnxfactor.calibration import collect_statistics
+    from onnxfactor.data import open_source
+    from onnxfactor.decompose import selection_reason
+    from onnxfactor.validation import resolve_providers
+
+    cal = config.calibration
+    if cal.fit not in FIT_CHOICES:
+        from onnxfactor.errors import UsageError
+
+        raise UsageError(f"unknown fit {cal.fit!r}; choose one of {', '.join(FIT_CHOICES)} (--fit)")
+    source = open_source(calibration, prep.loaded.model, images=images, max_samples=cal.samples,
+                         batch_size=cal.batch_size, role="calibration")
+    runnable = prep.loaded.model if prep.loaded.ir_version >= 4 else model_io.restore_conventions(_copy(prep.loaded.model), prep.loaded.ir_version)
+    sites = [s for s in prep.sites if selection_reason(s, config, explicit) is None]
+    report = (lambda done, total, label: progress(done, total or 0, label)) if progress is not None else None
+    return collect_statistics(runnable, sites, source, cal, providers=resolve_providers(cal.provider), progress=report)
+
+
+def _reconstructor(config: CompressConfig):
+    """The layer-wise reconstruction step (``reconstruct_steps > 0``; needs torch), or None."""
+    if config.calibration.reconstruct_steps <= 0:
+        return None
+    from onnxfactor.calibration.reconstruct import Reconstructor
+
+    return Reconstructor(config.calibration)
+
+
+def _correct(prep: _Prepared, candidates: list[Candidate], calib, config: CompressConfig, reconstruct, progress):
+    from onnxfactor.calibration.correct import correct_chains
+    from onnxfactor.validation import resolve_providers
+
+    def build():
+        return _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters)
+
+    original = prep.loaded.model if prep.loaded.ir_version >= 4 else model_io.restore_conventions(_copy(prep.loaded.model), prep.loaded.ir_version)
+    return correct_chains(candidates, build, original, calib, config.calibration,
+                          providers=resolve_providers(config.calibration.provider), reconstruct=reconstruct, progress=progress)
+
+
 def _apply(rewriter: Rewriter, candidate: Candidate, hooi_iters: int) -> list[str]:
     site, chain = candidate.site, candidate.chain
     share_key = (site.graph_path, site.weight.name, chain.method, tuple(sorted(chain.ranks.items())), hooi_iters)
+    if chain.fit == "data" or chain.bias is not None:  # fitted to this Conv's own inputs: not shared
+        share_key += (id(chain),)
     return rewriter.replace(site, chain, share_key)
 
 
@@ -216,7 +278,10 @@ def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi
 
 
 def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate], config: CompressConfig, timer, progress=None):
-    """Per-layer timing, then the end-to-end guard or the latency budget; returns (model, speed dict)."""
+    """Per-layer timing, then the end-to-end guard or the latency budget; returns (model | None, speed dict).
+
+    The model is the last one measured (a copy); None when no end-to-end measurement was asked for.
+    """
     from onnxfactor.latency import OrtTimer
     from onnxfactor.validation import make_inputs, resolve_providers
 
@@ -257,7 +322,7 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     select_faster_layers(candidates, timer, margin=latency.margin, opset=opset,
                          progress=(lambda d, n, name: progress(d, n, f"timing {name}")) if progress else None)
     if not latency.guard:
-        return _build(prep, candidates, in_place=True, hooi_iters=config.hooi_iters), speed
+        return None, speed  # the caller builds the final model
     result = guard_end_to_end(
         candidates, build, original, feeds, timer, allow_slower=latency.allow_slower, margin=latency.margin
     )
@@ -288,15 +353,19 @@ def analyze(
     *,
     config: CompressConfig | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    calibration=None,
+    images=None,
 ) -> CompressReport:
     """Per layer: shapes, VBMF ranks and sigma^2, the chosen ranks and the predicted compression.
 
-    Runs the same rank choice and decomposition as :func:`compress` but rewrites nothing.
+    Runs the same rank choice and decomposition as :func:`compress` (with ``calibration``: the
+    data-aware fit, and each layer's output error on the calibration data) but rewrites nothing.
     """
     config = config or CompressConfig()
     prep = _prepare(model, input_shapes)
     explicit = _load_explicit(config, prep.sites)
-    decomposer = LayerDecomposer(config, explicit, prep.sites)
+    calib = _calibrate(prep, config, explicit, calibration, images, None)
+    decomposer = LayerDecomposer(config, explicit, prep.sites, calib)
     layers = [decomposer.run(site)[0] for site in prep.sites]
     for layer in layers:
         if layer.reason is None and layer.params_after is not None:
@@ -308,6 +377,7 @@ def analyze(
         skipped=[dataclasses.asdict(s) for s in prep.skipped],
         folded=list(prep.loaded.folded),
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
+        calibration=None if calib is None else {**calib.to_dict(), "fit": config.calibration.fit},
     )
     predicted = [dataclasses.replace(l, status="decomposed" if l.status == "would decompose" else l.status) for l in layers]
     params = _model_params(prep.loaded.model)
@@ -355,9 +425,15 @@ def check_written_model(path: Path, original: Path | onnx.ModelProto | None = No
 
 @dataclass(frozen=True)
 class ValidationOptions:
-    """How to compare the compressed model against the original in ONNX Runtime."""
+    """How to compare the compressed model against the original in ONNX Runtime.
 
-    data: Path | None = None
+    ``data`` is anything :func:`onnxfactor.data.open_source` takes (an ``.npz``, an image folder
+    read with ``images``, a ``script.py[:function]``, an iterable of feed dicts), or None for
+    seeded random inputs.
+    """
+
+    data: object = None
+    images: object = None  # onnxfactor.data.ImageSpec for an image folder
     seed: int = 0
     max_samples: int | None = None
     provider: str | None = None
@@ -382,7 +458,8 @@ def validate(
 
     options = options or ValidationOptions()
     reference = original if isinstance(original, onnx.ModelProto) else model_io.load_model(original).model
-    inputs = make_inputs(reference, data=options.data, shapes=input_shapes or {}, seed=options.seed, max_samples=options.max_samples)
+    inputs = make_inputs(reference, data=options.data, images=options.images, shapes=input_shapes or {}, seed=options.seed,
+                         max_samples=options.max_samples)
     providers = resolve_providers(options.provider)
     return run_validation(
         original, compressed, inputs=inputs, providers=providers, threads=options.threads, latency_runs=options.latency_runs
@@ -426,8 +503,15 @@ def compress_file(
     validation: ValidationOptions | None = ValidationOptions(),
     report_path: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    calibration=None,
+    images=None,
+    allow_overlap: bool = False,
 ) -> CompressReport:
     """Compress a model file and write the result atomically, only after it passes every check.
+
+    ``calibration`` and ``images`` are :func:`compress`'s. Calibration and validation data that
+    share a file or a sample are refused (:class:`UsageError`, exit 2) unless ``allow_overlap``:
+    accuracy measured on the samples the factors were fitted to is not what users will see.
 
     Checks, on a temporary file next to the output: ``onnx.checker`` (full), an ONNX Runtime
     load, and (unless ``validation`` is None) the comparison against the original, which fails
@@ -438,15 +522,17 @@ def compress_file(
     input_path, output_path = Path(input_path), Path(output_path)
     report_path = Path(report_path) if report_path is not None else None
     _preflight_output(input_path, output_path, report_path)
-    if validation is not None:  # fail on a bad provider or data file before the long part
+    from onnxfactor.data import check_data_exists
+
+    check_data_exists(calibration, role="calibration")
+    if validation is not None:  # fail on a bad provider or data before the long part
         from onnxfactor.validation import resolve_providers
 
         resolve_providers(validation.provider)
-        if validation.data is not None and not Path(validation.data).is_file():
-            from onnxfactor.errors import UsageError
-
-            raise UsageError(f"validation data file not found: {validation.data} (--data)")
-    result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress)
+        check_data_exists(validation.data, role="validation")
+        if calibration is not None and validation.data is not None and not allow_overlap:
+            _check_disjoint(input_path, calibration, images, config, validation)
+    result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress, calibration=calibration, images=images)
     report, external_data = result.report, result.external_data
     if not report.decomposed:
         report.warnings.append("no layer was decomposed: the output computes the same as the input")
@@ -484,6 +570,16 @@ def compress_file(
         if report_path is not None:
             report.write_json(report_path)
     return report
+
+
+def _check_disjoint(input_path: Path, calibration, images, config: CompressConfig | None, validation: ValidationOptions) -> None:
+    from onnxfactor.data import check_disjoint, open_source
+
+    model = model_io.load_model(input_path).model
+    cal = (config or CompressConfig()).calibration
+    fit = open_source(calibration, model, images=images, max_samples=cal.samples, role="calibration")
+    held = open_source(validation.data, model, images=validation.images, max_samples=validation.max_samples, role="validation")
+    check_disjoint(fit, held)
 
 
 def _file_bytes(path: Path, external_data: bool) -> int:

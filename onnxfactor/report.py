@@ -38,6 +38,11 @@ class LayerReport:
     fallback: str | None = None         # e.g. a degenerate CP fit replaced by Tucker-2
     candidates: list[dict] = field(default_factory=list)  # methods tried by auto / the error policy
     latency: dict | None = None         # measured: original_ms, chain_ms, speedup, options tried
+    fit: str | None = None              # "weights" or "data" (calibration.fit)
+    fit_note: str | None = None         # why a layer with calibration data kept the weight fit
+    output_error: float | None = None   # relative L2 error of the layer's output on calibration tiles
+    correction: dict | None = None      # sequential correction: errors before/after at the output tensor
+    reconstruction: dict | None = None  # layer-wise reconstruction (PyTorch): loss before/after, steps
     seconds: float = 0.0
 
     def describe_chain(self, chain, in_spatial: int | None, out_spatial: int | None) -> None:
@@ -48,6 +53,7 @@ class LayerReport:
         if in_spatial is not None and out_spatial is not None:
             self.macs_after = chain.macs(in_spatial, out_spatial)
         self.rel_reconstruction_error = chain.rel_error
+        self.output_error = chain.output_error
 
     @property
     def params_ratio(self) -> float | None:
@@ -101,6 +107,7 @@ class CompressReport:
     warnings: list[str] = field(default_factory=list)
     validation: dict | None = None
     speed: dict | None = None           # latency-aware selection: end-to-end rounds, budget
+    calibration: dict | None = None     # calibration data, statistics, correction (onnxfactor.calibration)
     input_path: str | None = None
     output_path: str | None = None
 

@@ -57,7 +57,10 @@ class Rewriter:
             attrs = geometry_attrs(conv, node.attrs)
             attrs["kernel_shape"] = [int(k) for k in conv.weight.shape[2:]]
             attrs["group"] = int(conv.group)
-            inputs = [x, weight] + ([bias] if conv.takes_bias and bias is not None else [])
+            conv_bias = bias
+            if conv.takes_bias and chain.bias is not None:  # a refitted bias: a tensor of its own
+                conv_bias = gs.Constant(self._unique(f"{base}/{chain.method}_bias"), np.asarray(chain.bias).astype(dtype))
+            inputs = [x, weight] + ([conv_bias] if conv.takes_bias and conv_bias is not None else [])
             last = index == len(chain.convs) - 1
             out = final_output if last else gs.Variable(self._unique(f"{base}/{chain.method}_{conv.role}_out"), dtype=dtype)
             new_nodes.append(

@@ -49,7 +49,21 @@ def compress(
     node: opt.Nodes = None,
     exclude: opt.Exclude = None,
     input_shape: opt.InputShapes = None,
+    calibration: opt.Calibration = None,
+    calibration_samples: opt.CalibrationSamples = None,
+    fit: opt.Fit = opt.FitName.data,
+    correct: opt.Correct = True,
+    reconstruct: opt.Reconstruct = 0,
+    calibration_memory: opt.CalibrationMemory = 1024.0,
     data: opt.Data = None,
+    allow_overlap: opt.AllowOverlap = False,
+    image_size: opt.ImageSize = None,
+    resize: opt.Resize = opt.ResizeMode.stretch,
+    scale: opt.Scale = 1 / 255,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    channel_order: opt.ChannelOrder = opt.ChannelOrderName.rgb,
+    layout: opt.Layout = None,
     seed: opt.Seed = 0,
     max_samples: opt.MaxSamples = None,
     provider: opt.Provider = None,
@@ -83,8 +97,10 @@ def compress(
             margin=speed_margin, rank_search=rank_search, guard=True, allow_slower=allow_slower,
             target_speedup=target_speedup, max_latency_ms=max_latency_ms, provider=provider, threads=threads,
         ))
+    config = dataclasses.replace(config, calibration=_calibration_config(calibration_samples, fit, correct, reconstruct, calibration_memory, provider))
+    images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
     validation = None if no_validate else ValidationOptions(
-        data=data, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
+        data=data, images=images, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
         latency_runs=latency_runs, max_rel_error=max_rel_error,
     )
     render = Renderer(quiet=quiet)
@@ -92,8 +108,16 @@ def compress(
         result = compress_file(
             input_model, output_model, config=config, input_shapes=_shapes(input_shape),
             validation=validation, report_path=report, progress=progress,
+            calibration=calibration, images=images, allow_overlap=allow_overlap,
         )
     render.compress_report(result)
+
+
+def _calibration_config(samples, fit, correct, reconstruct, memory, provider):
+    from onnxfactor.config import CalibrationConfig
+
+    return CalibrationConfig(fit=getattr(fit, "value", fit), correct=correct, reconstruct_steps=reconstruct, samples=samples,
+                             memory_mb=memory, provider=provider)
 
 
 def analyze(
@@ -111,19 +135,46 @@ def analyze(
     min_reduction: opt.MinReduction = 0.1,
     in_min_channels: opt.InMinChannels = 4,
     input_shape: opt.InputShapes = None,
+    calibration: opt.Calibration = None,
+    calibration_samples: opt.CalibrationSamples = None,
+    fit: opt.Fit = opt.FitName.data,
+    calibration_memory: opt.CalibrationMemory = 1024.0,
+    image_size: opt.ImageSize = None,
+    resize: opt.Resize = opt.ResizeMode.stretch,
+    scale: opt.Scale = 1 / 255,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    channel_order: opt.ChannelOrder = opt.ChannelOrderName.rgb,
+    layout: opt.Layout = None,
+    provider: opt.Provider = None,
     report: opt.ReportPath = None,
 ) -> None:
-    """Per layer: shapes, VBMF ranks and sigma^2, chosen ranks, predicted compression. Writes no model."""
+    """Per layer: shapes, VBMF ranks and sigma^2, chosen ranks, predicted compression (with --calibration: the
+    data-aware ranks and each layer's output error on the calibration data). Writes no model."""
     from onnxfactor.pipeline import analyze as run_analyze
     from onnxfactor.pipeline import check_output_path
 
     if report is not None:
         check_output_path(report, "report", protected={"input model": input_model})
+    import dataclasses
+
     config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None, method)
-    result = run_analyze(input_model, config=config, input_shapes=_shapes(input_shape))
+    config = dataclasses.replace(config, calibration=_calibration_config(calibration_samples, fit, False, 0, calibration_memory, provider))
+    images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
+    result = run_analyze(input_model, config=config, input_shapes=_shapes(input_shape), calibration=calibration, images=images)
     if report is not None:
         result.write_json(report)
     Renderer().analyze_report(result)
+
+
+def image_spec(image_size=None, resize="stretch", scale=1 / 255, mean=None, std=None, channel_order="rgb", layout=None):
+    """The :class:`onnxfactor.data.ImageSpec` of the image options (``--image-size HxW``, ``--mean a,b,c``, ...).
+
+    Raises :class:`onnxfactor.errors.UsageError` naming the flag of a bad value.
+    """
+    from onnxfactor.data import image_spec as parse
+
+    return parse(image_size, resize, scale, mean, std, channel_order, layout)
 
 
 def validate(
@@ -131,6 +182,13 @@ def validate(
     compressed_model: Path = typer.Argument(..., help="The model to compare against ORIGINAL_MODEL.", show_default=False),
     input_shape: opt.InputShapes = None,
     data: opt.Data = None,
+    image_size: opt.ImageSize = None,
+    resize: opt.Resize = opt.ResizeMode.stretch,
+    scale: opt.Scale = 1 / 255,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    channel_order: opt.ChannelOrder = opt.ChannelOrderName.rgb,
+    layout: opt.Layout = None,
     seed: opt.Seed = 0,
     max_samples: opt.MaxSamples = None,
     provider: opt.Provider = None,
@@ -143,8 +201,8 @@ def validate(
     from onnxfactor.pipeline import ValidationOptions, validate_files
 
     options = ValidationOptions(
-        data=data, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
-        latency_runs=latency_runs, max_rel_error=max_rel_error,
+        data=data, images=image_spec(image_size, resize, scale, mean, std, channel_order, layout), seed=seed,
+        max_samples=max_samples, provider=provider, threads=threads, latency_runs=latency_runs, max_rel_error=max_rel_error,
     )
     result = validate_files(original_model, compressed_model, options=options, input_shapes=_shapes(input_shape), report_path=report)
     Renderer().validation(result.to_dict())

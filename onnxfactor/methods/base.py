@@ -128,8 +128,23 @@ class ChainSpec:
     method: str
     ranks: dict
     convs: tuple[ConvSpec, ...]
-    #: ||W - W_chain|| / ||W||, filled in by the method (cheaply, from its factors), or None
+    #: the relative error the fit minimised, filled in by the method (cheaply, from its factors), or
+    #: None: ``||W - W_chain|| / ||W||`` for ``fit="weights"``; for ``fit="data"`` the same norm of the
+    #: input-whitened weight ``W x_1 L^T`` (the layer's output error on calibration inputs, taking
+    #: kernel offsets as independent; see :mod:`onnxfactor.calibration.fit`)
     rel_error: float | None = None
+    #: a new bias for the last conv (data-aware bias correction, sequential correction), or None:
+    #: the last conv takes the original Conv's bias input
+    bias: np.ndarray | None = None
+    #: ``"weights"`` (factors fitted to the weight) or ``"data"`` (to the layer's output on calibration data)
+    fit: str = "weights"
+    #: relative L2 error of the layer's output on calibration data (measured on input tiles), or None
+    output_error: float | None = None
+
+    @property
+    def loss(self) -> float:
+        """The squared error the latency budget trades against time: the fit's own error."""
+        return (self.rel_error or 0.0) ** 2
 
     @property
     def params(self) -> int:

@@ -1,0 +1,296 @@
+"""Sequential correction: refit each chain's last conv on inputs from the already compressed network.
+
+Every chain is fitted on the *original* layer's inputs, but in the compressed model it sees
+inputs that the chains upstream have already perturbed, and errors accumulate with depth. In
+topological order, this stage runs the compressed model (with every correction so far) and the
+original model on the cached correction samples (:mod:`onnxfactor.calibration.statistics`),
+exposing the input ``h`` of each chain's last conv (a tensor of the rewritten graph) and the
+original output ``y`` of the Conv (the rewrite keeps the tensor names), and refits that last
+conv -- weights and bias -- by ridge least squares:
+
+    min_{A, b}  sum_pixels ||y - (A h + b)||^2 + lambda ||A - A_0||^2,   lambda = ridge * tr(Cov h) / dim h,
+
+per group, with ``A_0`` the current factor (the ridge pulls towards it, not towards zero, so
+little data cannot wreck a good fit). The sums are accumulated in float64 over at most
+``correction_positions`` random pixels per layer, never holding the activations of more than one
+run. Only initializer values change; the graph does not. Chains whose last conv is the k x k
+core (an input-only Tucker-2) are not corrected (the report says so).
+
+The target is the Conv's *linear* output, before its activation: least squares on it is one
+linear solve per layer, and it keeps the mean and sign structure the activation sees (measured on
+the bundled models: fitting only where the original output is positive was no better). Fitting
+after the activation is nonlinear; that is what the layer-wise reconstruction does
+(:mod:`onnxfactor.calibration.reconstruct`).
+
+Held out: every fifth correction sample is left out of a first fit; the correction is applied
+(refitted on all samples) only if it lowers the error on them, and the report gives the
+held-out errors before and after.
+
+Stages: with many layers, passes per layer get slow; ``stages`` groups consecutive layers (in
+topological order) that are corrected together from one pass. A layer then sees the
+*uncorrected* chains of its own group upstream of it, an approximation that only costs accuracy
+on deep networks with few stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxfactor.calibration.probe import Probe
+from onnxfactor.calibration.statistics import CalibrationData
+from onnxfactor.config import CalibrationConfig
+from onnxfactor.methods.base import ChainSpec
+
+#: Every ``HOLDOUT_EVERY``-th correction sample is held out of the acceptance fit.
+HOLDOUT_EVERY = 5
+
+
+def plan_stages(count: int, stages: int) -> list[range]:
+    """Split ``count`` layers (topological order) into at most ``stages`` consecutive groups."""
+    if count == 0:
+        return []
+    per = math.ceil(count / max(1, min(stages, count)))
+    return [range(a, min(a + per, count)) for a in range(0, count, per)]
+
+
+class NormalEquations:
+    """Running sums of ``[h, 1] [h, 1]^T``, ``[h, 1] y^T`` and ``y^2`` for one group (float64)."""
+
+    def __init__(self, features: int, outputs: int):
+        self.hh = np.zeros((features + 1, features + 1))
+        self.hy = np.zeros((features + 1, outputs))
+        self.yy = 0.0
+        self.count = 0
+
+    def add(self, h: np.ndarray, y: np.ndarray) -> None:
+        """Add rows (pixels): ``h`` is ``m x F``, ``y`` is ``m x O``."""
+        ha = np.concatenate([h, np.ones((h.shape[0], 1))], axis=1)
+        self.hh += ha.T @ ha
+        self.hy += ha.T @ y
+        self.yy += float(np.sum(y * y))
+        self.count += h.shape[0]
+
+    def merged(self, other: "NormalEquations") -> "NormalEquations":
+        out = NormalEquations(self.hh.shape[0] - 1, self.hy.shape[1])
+        out.hh, out.hy = self.hh + other.hh, self.hy + other.hy
+        out.yy, out.count = self.yy + other.yy, self.count + other.count
+        return out
+
+    def solve(self, a0: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, b)`` of the module docstring's ridge problem (centred: the bias is not penalised)."""
+        n = max(self.count, 1)
+        mean_h, mean_y = self.hh[:-1, -1] / n, self.hy[-1] / n
+        sxx = self.hh[:-1, :-1] - n * np.outer(mean_h, mean_h)
+        sxy = self.hy[:-1] - n * np.outer(mean_h, mean_y)
+        lam = ridge * float(np.trace(sxx)) / max(sxx.shape[0], 1)
+        lam = lam if lam > 0 else 1e-12
+        a = np.linalg.solve(sxx + lam * np.eye(sxx.shape[0]), sxy + lam * a0.T).T
+        return a, mean_y - a @ mean_h
+
+    def error(self, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+        """``(sum ||y - A h - b||^2, sum ||y||^2)`` from the sums."""
+        w = np.concatenate([a, b[:, None]], axis=1)  # O x (F + 1)
+        sq = self.yy - 2.0 * float(np.sum(w.T * self.hy)) + float(np.sum((w @ self.hh) * w))
+        return max(sq, 0.0), self.yy
+
+
+def _pixels(t: np.ndarray, group: int, k: int, pick: np.ndarray | None) -> np.ndarray:
+    """Group ``k``'s channels of ``t`` (``N x C x *S``) as rows of pixels, optionally only ``pick``."""
+    n, c = t.shape[:2]
+    cg = c // group
+    rows = np.moveaxis(t[:, k * cg : (k + 1) * cg].reshape(n, cg, -1), 1, 2).reshape(-1, cg)
+    return np.asarray(rows if pick is None else rows[pick], dtype=np.float64)
+
+
+def refit(chain: ChainSpec, sums: list[tuple[NormalEquations, NormalEquations]], ridge: float,
+          bias: np.ndarray) -> tuple[ChainSpec, dict]:
+    """The chain with its last conv refitted from per-group ``(fit, held-out)`` sums (module docstring)."""
+    last = chain.convs[-1]
+    g = last.group
+    out_channels = last.weight.shape[0]
+    og = out_channels // g
+    w0 = last.weight.astype(np.float64).reshape(out_channels, -1)
+    b0 = np.asarray(bias, dtype=np.float64)
+    new_w, new_b = np.empty_like(w0), np.empty_like(b0)
+    totals = {key: [0.0, 0.0] for key in ("before", "after", "held_before", "held_after")}
+    have_holdout = all(h.count > 0 and f.count > 0 for f, h in sums)
+    for k, (fit, held) in enumerate(sums):
+        a0, c0 = w0[k * og : (k + 1) * og], b0[k * og : (k + 1) * og]
+        if have_holdout:
+            a, c = fit.solve(a0, ridge)
+            for key, (aa, cc) in (("held_before", (a0, c0)), ("held_after", (a, c))):
+                num, den = held.error(aa, cc)
+                totals[key][0] += num
+                totals[key][1] += den
+        both = fit.merged(held)
+        a, c = both.solve(a0, ridge)
+        for key, (aa, cc) in (("before", (a0, c0)), ("after", (a, c))):
+            num, den = both.error(aa, cc)
+            totals[key][0] += num
+            totals[key][1] += den
+        new_w[k * og : (k + 1) * og], new_b[k * og : (k + 1) * og] = a, c
+
+    def rel(key):
+        num, den = totals[key]
+        return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+    info = {"pixels": int(sum(f.count + h.count for f, h in sums) // g), "error_before": rel("before"), "error_after": rel("after")}
+    accept = True
+    if have_holdout:
+        info.update(held_out_before=rel("held_before"), held_out_after=rel("held_after"))
+        accept = info["held_out_after"] < info["held_out_before"]
+    info["applied"] = bool(accept)
+    if not accept:
+        return chain, info
+    weight = new_w.reshape(last.weight.shape).astype(np.float32)
+    convs = (*chain.convs[:-1], dataclasses.replace(last, weight=weight))
+    return dataclasses.replace(chain, convs=convs, bias=new_b.astype(np.float32)), info
+
+
+def _chain_nodes(model: onnx.ModelProto, node_names: list[str]) -> list[onnx.NodeProto]:
+    nodes = {n.name: n for n in model.graph.node}
+    return [nodes[name] for name in node_names]
+
+
+class _Initializers:
+    """In-place updates of a model's initializers by name (the graph does not change)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.index = {t.name: t for t in model.graph.initializer}
+
+    def set(self, name: str, values: np.ndarray) -> None:
+        tensor = self.index[name]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        tensor.CopyFrom(numpy_helper.from_array(np.asarray(values).astype(dtype).reshape(tuple(tensor.dims)), name))
+
+    def write_chain(self, chain: ChainSpec, nodes: list[onnx.NodeProto]) -> None:
+        for conv, node in zip(chain.convs, nodes):
+            self.set(node.input[1], conv.weight)
+            if conv.takes_bias and chain.bias is not None and len(node.input) > 2 and node.input[2]:
+                self.set(node.input[2], chain.bias)
+
+
+def _holdout_samples(calibration: CalibrationData) -> set[int]:
+    ids = sorted({int(x) for chunk in calibration.cache for x in chunk.samples})
+    return {s for i, s in enumerate(ids) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1}
+
+
+def correct_chains(candidates, build, original: onnx.ModelProto, calibration: CalibrationData, config: CalibrationConfig, *,
+                   providers: list[str], reconstruct=None, progress=None) -> dict:
+    """Sequentially correct (and, with ``reconstruct``, reconstruct) the candidates' chains in place.
+
+    ``candidates`` (:class:`onnxfactor.speed.Candidate`, graph order) with a chain and statistics
+    take part; ``build()`` returns the model with every candidate's current chain; ``original``
+    is the runnable original model. ``reconstruct`` is ``reconstruct(chain, geometry, windows,
+    targets, holdout, bias, activation) -> (chain, info)`` (:mod:`onnxfactor.calibration.reconstruct`).
+    Updates each candidate's ``chain`` and report row (``correction``, ``reconstruction``) and
+    returns the stage's summary for the report.
+    """
+    start = time.perf_counter()
+    active = [c for c in candidates if c.chain is not None and c.site.name in calibration.layers]
+    summary = {"layers": len(active), "stages": 0, "samples": int(sum(len(c.samples) for c in calibration.cache)),
+               "passes_seconds": 0.0}
+    if not active or not calibration.cache:
+        return summary
+    for c in active:  # a bias of its own, so that an update never touches a shared tensor
+        if c.chain.bias is None:
+            st = calibration.layers[c.site.name]
+            bias = st.bias if st.bias is not None else np.zeros(c.site.weight_shape[0])
+            c.chain = dataclasses.replace(c.chain, bias=np.asarray(bias, dtype=np.float32))
+    model = build()
+    nodes = {c.site.name: _chain_nodes(model, c.layer.new_nodes) for c in active}
+    initializers = _Initializers(model)
+    held_out = _holdout_samples(calibration)
+    stages = plan_stages(len(active), config.stages)
+    summary["stages"] = len(stages)
+    rng = np.random.default_rng(config.seed)
+    for number, stage in enumerate(stages):
+        group = [active[i] for i in stage]
+        t = time.perf_counter()
+        correctable = [c for c in group if config.correct and not c.chain.convs[-1].is_spatial]
+        sums = _accumulate(model, original, correctable, nodes, calibration, providers, held_out, config, rng) if correctable else {}
+        windows = _gather(model, group, calibration, providers) if reconstruct is not None else {}
+        summary["passes_seconds"] += time.perf_counter() - t
+        for c in group:
+            st = calibration.layers[c.site.name]
+            chain = c.chain
+            if c in correctable:
+                chain, info = refit(chain, sums[c.site.name], config.correct_ridge, chain.bias)
+                c.layer.correction = {"stage": number, **info}
+            elif config.correct:
+                c.layer.correction = {"stage": number, "applied": False, "note": "the last conv is the k x k core: not corrected"}
+            if reconstruct is not None and st.tiles.count:
+                holdout = np.asarray([int(s) in held_out for s in st.tiles.samples], dtype=bool)
+                chain, info = reconstruct(chain, c.site.geometry, windows[c.site.name], st.tiles.targets, holdout, chain.bias, st.activation)
+                c.layer.reconstruction = {"stage": number, **info}
+            c.chain = chain
+            initializers.write_chain(chain, nodes[c.site.name])
+        if progress is not None:
+            progress(number + 1, len(stages), "correcting")
+    summary["seconds"] = time.perf_counter() - start
+    return summary
+
+
+def _accumulate(model, original, group, nodes, calibration: CalibrationData, providers, held_out: set[int],
+                config: CalibrationConfig, rng) -> dict:
+    """Per layer and group, ``(fit, held-out)`` normal equations of its last conv over the cached samples."""
+    h_names = {c.site.name: nodes[c.site.name][-1].input[0] for c in group}
+    y_names = {c.site.name: calibration.layers[c.site.name].output_name for c in group}
+    compressed = Probe(model, list(h_names.values()), providers, prune=True)
+    reference = Probe(original, list(y_names.values()), providers, prune=True)
+    total = max(1, sum(len(chunk.samples) for chunk in calibration.cache))
+    sums = {}
+    for c in group:
+        last = c.chain.convs[-1]
+        g = last.group
+        fg, og = last.weight.shape[1], last.weight.shape[0] // g
+        sums[c.site.name] = [(NormalEquations(fg, og), NormalEquations(fg, og)) for _ in range(g)]
+    for chunk in calibration.cache:
+        hs, ys = compressed.run(chunk.feeds), reference.run(chunk.feeds)
+        rows_held = np.asarray([int(s) in held_out for s in chunk.samples], dtype=bool)
+        for c in group:
+            h, y = hs[h_names[c.site.name]], ys[y_names[c.site.name]]
+            if h.shape[0] != len(chunk.samples):  # a fixed batch larger than the samples kept: use all rows
+                rows_held = np.zeros(h.shape[0], dtype=bool)
+            per_sample = math.prod(y.shape[2:])
+            limit = max(1, config.correction_positions // total)
+            for part, mask in ((0, ~rows_held), (1, rows_held)):
+                if not mask.any():
+                    continue
+                hp, yp = h[mask], y[mask]
+                n = hp.shape[0]
+                pick = None
+                if per_sample > limit:  # a random subset of each sample's pixels
+                    pick = np.concatenate([i * per_sample + rng.choice(per_sample, limit, replace=False) for i in range(n)])
+                g = c.chain.convs[-1].group
+                for k in range(g):
+                    sums[c.site.name][k][part].add(_pixels(hp, g, k, pick), _pixels(yp, g, k, pick))
+        del hs, ys
+    return sums
+
+
+def _gather(model: onnx.ModelProto, group, calibration: CalibrationData, providers: list[str]) -> dict[str, np.ndarray]:
+    """Each layer's input tiles in the current compressed ``model``, at the positions of its statistics' tiles."""
+    stats = {c.site.name: calibration.layers[c.site.name] for c in group if calibration.layers[c.site.name].tiles.count}
+    if not stats:
+        return {}
+    probe = Probe(model, [st.input_name for st in stats.values()], providers, prune=True)
+    where = {name: calibration.locate(st.tiles.samples) for name, st in stats.items()}
+    out = {name: np.empty_like(st.tiles.windows) for name, st in stats.items()}
+    needed = sorted({chunk for w in where.values() for chunk, _ in w})
+    for chunk in needed:
+        acts = probe.run(calibration.cache[chunk].feeds)
+        for name, st in stats.items():
+            picks = [j for j, (c, _) in enumerate(where[name]) if c == chunk]
+            if not picks:
+                continue
+            rows = np.asarray([where[name][j][1] for j in picks])
+            out[name][picks] = st.tiles.tile.cut_inputs(acts[st.input_name], rows, st.tiles.origins[picks])
+        del acts
+    return out

@@ -1,0 +1,90 @@
+"""Run a model in ONNX Runtime with some of its inner tensors exposed as extra graph outputs.
+
+ONNX Runtime's quantization calibrater does the same (``onnxruntime/quantization/calibrate.py``):
+it works for any model ONNX Runtime runs, whatever its other ops, and needs no converter. A
+tensor that is a graph input is answered from the feeds. An exposed tensor loses the fusion of its
+producer with its consumer (Conv + Relu), which changes the values of neither.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxfactor.errors import UsageError, first_line
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from enclosing scopes (a superset)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names.update(inner.input)
+                names |= _subgraph_reads(inner)
+    return names
+
+
+def needed_nodes(graph: onnx.GraphProto, outputs: list[str]) -> list[int]:
+    """Indices of the nodes ``outputs`` depend on, in graph order (ONNX Runtime runs every node of a
+    graph whatever outputs are fetched, so a probe of early tensors prunes the rest itself)."""
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    wanted, stack, seen = set(), list(outputs), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        i = producer.get(name)
+        if i is None or i in wanted:
+            continue
+        wanted.add(i)
+        node = graph.node[i]
+        stack.extend(n for n in node.input if n)
+        stack.extend(_subgraph_reads(node))
+    return sorted(wanted)
+
+
+class Probe:
+    """A session on a copy of ``model`` whose outputs are ``names`` (with ``prune``: only them).
+
+    ``model`` is not modified (it is copied once). :meth:`run` returns name -> array for every
+    name in ``names``. ``prune`` keeps only the nodes those tensors depend on.
+    """
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], providers: list[str], *, threads: int | None = None,
+                 prune: bool = False):
+        from onnxfactor.validation.providers import make_session
+
+        self.inputs = {v.name for v in model.graph.input}
+        self.names = list(dict.fromkeys(names))
+        self.fetch = [n for n in self.names if n not in self.inputs]
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        if prune and self.fetch:
+            keep = needed_nodes(probe.graph, self.fetch)
+            nodes = [probe.graph.node[i] for i in keep]
+            del probe.graph.node[:]
+            probe.graph.node.extend(nodes)
+            del probe.graph.output[:]
+        present = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self.fetch if n not in present)
+        try:
+            self.session = make_session(probe, providers, threads=threads)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types
+            raise UsageError(f"ONNX Runtime cannot run the model with its Conv tensors exposed for calibration: {first_line(e)}") from None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self.fetch, feeds) if self.fetch else []
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(
+                f"ONNX Runtime failed to run the model on the calibration data: {first_line(e)}; "
+                f"check the --calibration inputs (shapes, dtypes, preprocessing)"
+            ) from None
+        out = dict(zip(self.fetch, values))
+        for n in self.names:
+            if n in self.inputs:
+                out[n] = feeds[n]
+        return out
