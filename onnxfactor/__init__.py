@@ -7,6 +7,7 @@ Public API::
     report = onnxfactor.compress_file("in.onnx", "out.onnx")         # checked, validated, atomic write
     report = onnxfactor.analyze("in.onnx")                           # ranks and predicted savings only
     result = onnxfactor.validate("in.onnx", "out.onnx")              # ONNX Runtime comparison
+    model, report = onnxfactor.compress("in.onnx", calibration="calib.npz")  # fitted to real inputs
 
 Attributes are imported lazily so that ``import onnxfactor`` (and the CLI's ``--help``) stays fast.
 """
@@ -19,12 +20,16 @@ _EXPORTS = {
     "compress": "onnxfactor.pipeline",
     "compress_file": "onnxfactor.pipeline",
     "analyze": "onnxfactor.pipeline",
+    "calibrate": "onnxfactor.pipeline",
     "validate": "onnxfactor.pipeline",
     "CompressResult": "onnxfactor.pipeline",
     "ValidationOptions": "onnxfactor.pipeline",
     "CompressConfig": "onnxfactor.config",
     "RankConfig": "onnxfactor.config",
     "LatencyConfig": "onnxfactor.config",
+    "CalibrationConfig": "onnxfactor.config",
+    "CalibrationData": "onnxfactor.calibration",
+    "ImageSpec": "onnxfactor.data",
     "CompressReport": "onnxfactor.report",
     "LayerReport": "onnxfactor.report",
     "OnnxFactorError": "onnxfactor.errors",

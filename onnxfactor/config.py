@@ -129,7 +129,7 @@ class CalibrationConfig:
     fit: str = "data"
     correct: bool = True
     reconstruct_steps: int = 0
-    reconstruct_lr: float = 1e-4
+    reconstruct_lr: float = 1e-3
     samples: int | None = None
     memory_mb: float = 1024.0
     ridge: float = 1e-3

@@ -324,26 +324,32 @@ class LayerDecomposer:
     def _measured_search(self, site, fit: LayerFit, target: float, cost, macs, layer):
         """The ``error`` policy with calibration data: the cheapest chain whose *measured* output
         error is ``<= target``, searched on the fit's error with a rescaled target (module docstring)."""
-        proxy, best, best_name, tried = target, None, None, set()
+        proxy, best, best_name, measured = target, None, None, {}
         for _ in range(ERROR_ROUNDS):
             chain, name = self._cheapest(site, fit, proxy, None, cost, macs, layer)
-            if chain is None:
-                if proxy >= 0.999:
+            if chain is None:  # nothing cheaper than the original at this proxy: a looser one may find one
+                if proxy >= 0.999 or best is not None:
                     break
                 proxy = min(0.999, proxy * 1.5)
                 continue
             key = (chain.method, tuple(sorted(chain.ranks.items())))
-            if key in tried:
-                break
-            tried.add(key)
-            chain = fit.measure(chain)
-            layer.candidates.append({"method": name, "chain": chain.method, "ranks": dict(chain.ranks), "macs": macs(chain),
-                                     "rel_error": chain.rel_error, "output_error": chain.output_error,
-                                     "note": f"measured; searched at the fit's error <= {proxy:.3g}"})
-            if chain.output_error <= target and (best is None or macs(chain) < macs(best)):
-                best, best_name = chain, name
-            ratio = target / chain.output_error if chain.output_error > 0 else 2.0
-            proxy = min(0.999, proxy * min(2.0, max(0.5, ratio)))
+            if key not in measured:
+                chain = fit.measure(chain)
+                measured[key] = chain.output_error
+                layer.candidates.append({"method": name, "chain": chain.method, "ranks": dict(chain.ranks), "macs": macs(chain),
+                                         "rel_error": chain.rel_error, "output_error": chain.output_error,
+                                         "note": f"measured; searched at the fit's error <= {proxy:.3g}"})
+            error = measured[key]
+            feasible = error <= target
+            if feasible and (best is None or macs(chain) < macs(best)):
+                best, best_name = fit.measure(chain) if chain.output_error is None else chain, name
+            ratio = target / error if error > 0 else 2.0
+            if feasible and ratio < 1.05:
+                break  # within 5 % of the target: a looser proxy would break it
+            if feasible:  # try a cheaper chain
+                proxy = min(0.999, proxy * min(2.0, max(1.05, ratio)))
+            else:  # a more accurate one: below this chain's own error at least
+                proxy = min(proxy * max(0.5, ratio), (chain.rel_error or proxy) * (1 - 1e-3))
         self.runners_up = []
         return best, best_name, f"output error <= {target:.3g} on the calibration data"
 

@@ -200,10 +200,33 @@ def compress(
     return CompressResult(out, report, external_data=prep.loaded.external_data)
 
 
+def calibrate(
+    model: str | os.PathLike | onnx.ModelProto,
+    calibration,
+    *,
+    config: CompressConfig | None = None,
+    images=None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    progress: Progress | None = None,
+):
+    """The calibration statistics of ``model`` on ``calibration`` (see :func:`compress`), computed once.
+
+    The result (:class:`onnxfactor.calibration.CalibrationData`) can be passed as ``calibration=``
+    to :func:`compress` and :func:`analyze` of the same model any number of times, e.g. to try
+    several rank settings without another pass over the data. ``config`` selects the Convs
+    (``nodes`` / ``exclude``) and the calibration options.
+    """
+    config = config or CompressConfig()
+    prep = _prepare(model, input_shapes)
+    return _calibrate(prep, config, _load_explicit(config, prep.sites), calibration, images, progress)
+
+
 def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, images, progress):
     """Statistics of the selected main-graph Convs on the calibration data (None without data)."""
-    if calibration is None:
-        return None
+    from onnxfactor.calibration import CalibrationData
+
+    if calibration is None or isinstance(calibration, CalibrationData):
+        return calibration
     from onnxfactor.calibration import collect_statistics
     from onnxfactor.data import open_source
     from onnxfactor.decompose import selection_reason

@@ -13,8 +13,8 @@ conv -- weights and bias -- by ridge least squares:
 per group, with ``A_0`` the current factor (the ridge pulls towards it, not towards zero, so
 little data cannot wreck a good fit). The sums are accumulated in float64 over at most
 ``correction_positions`` random pixels per layer, never holding the activations of more than one
-run. Only initializer values change; the graph does not. Chains whose last conv is the k x k
-core (an input-only Tucker-2) are not corrected (the report says so).
+run. Only initializer values change; the graph does not. When the last conv is the k x k core (an
+input-only Tucker-2), ``h`` is its im2col (zero padding, strides and dilations of the original).
 
 The target is the Conv's *linear* output, before its activation: least squares on it is one
 linear solve per layer, and it keeps the mean and sign structure the activation sees (measured on
@@ -44,8 +44,9 @@ from onnx import numpy_helper
 
 from onnxfactor.calibration.probe import Probe
 from onnxfactor.calibration.statistics import CalibrationData
+from onnxfactor.calibration.tiles import TileGeometry, explicit_pads
 from onnxfactor.config import CalibrationConfig
-from onnxfactor.methods.base import ChainSpec
+from onnxfactor.methods.base import ChainSpec, ConvGeometry
 
 #: Every ``HOLDOUT_EVERY``-th correction sample is held out of the acceptance fit.
 HOLDOUT_EVERY = 5
@@ -106,6 +107,33 @@ def _pixels(t: np.ndarray, group: int, k: int, pick: np.ndarray | None) -> np.nd
     cg = c // group
     rows = np.moveaxis(t[:, k * cg : (k + 1) * cg].reshape(n, cg, -1), 1, 2).reshape(-1, cg)
     return np.asarray(rows if pick is None else rows[pick], dtype=np.float64)
+
+
+def _patches(h: np.ndarray, conv, geometry: ConvGeometry, out_dims: tuple[int, ...], pick: np.ndarray | None) -> np.ndarray:
+    """im2col of ``h`` (``N x C x *S``) for a k x k last conv carrying ``geometry``: ``(m, C, K)`` at the
+    output pixels ``pick`` (flat over ``N x out_dims``; all when None), zero padding included."""
+    begin, end = explicit_pads(geometry, tuple(h.shape[2:]))
+    padded = np.pad(h, [(0, 0), (0, 0), *zip(begin, end)])
+    per_sample = math.prod(out_dims)
+    flat = np.arange(h.shape[0] * per_sample) if pick is None else pick
+    sample = flat // per_sample
+    position = np.unravel_index(flat % per_sample, out_dims)
+    kernel = conv.weight.shape[2:]
+    cols = []
+    for offset in np.ndindex(*kernel):
+        coords = [position[a] * geometry.strides[a] + offset[a] * geometry.dilations[a] for a in range(len(kernel))]
+        cols.append(padded[(sample, slice(None), *coords)])  # (m, C)
+    return np.stack(cols, axis=2)
+
+
+def _features(h: np.ndarray, conv, geometry: ConvGeometry, out_dims: tuple[int, ...], k: int, pick) -> np.ndarray:
+    """The features group ``k`` of the chain's last conv is linear in, one row per output pixel."""
+    if not conv.is_spatial:
+        return _pixels(h, conv.group, k, pick)
+    patches = _patches(h, conv, geometry, out_dims, pick)
+    cg = patches.shape[1] // conv.group
+    block = patches[:, k * cg : (k + 1) * cg]
+    return block.reshape(block.shape[0], -1).astype(np.float64)  # (m, C_g * K): the weight's (c, k) order
 
 
 def refit(chain: ChainSpec, sums: list[tuple[NormalEquations, NormalEquations]], ridge: float,
@@ -213,7 +241,7 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
     for number, stage in enumerate(stages):
         group = [active[i] for i in stage]
         t = time.perf_counter()
-        correctable = [c for c in group if config.correct and not c.chain.convs[-1].is_spatial]
+        correctable = [c for c in group if config.correct]
         sums = _accumulate(model, original, correctable, nodes, calibration, providers, held_out, config, rng) if correctable else {}
         windows = _gather(model, group, calibration, providers) if reconstruct is not None else {}
         summary["passes_seconds"] += time.perf_counter() - t
@@ -223,8 +251,6 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
             if c in correctable:
                 chain, info = refit(chain, sums[c.site.name], config.correct_ridge, chain.bias)
                 c.layer.correction = {"stage": number, **info}
-            elif config.correct:
-                c.layer.correction = {"stage": number, "applied": False, "note": "the last conv is the k x k core: not corrected"}
             if reconstruct is not None and st.tiles.count:
                 holdout = np.asarray([int(s) in held_out for s in st.tiles.samples], dtype=bool)
                 chain, info = reconstruct(chain, c.site.geometry, windows[c.site.name], st.tiles.targets, holdout, chain.bias, st.activation)
@@ -249,7 +275,7 @@ def _accumulate(model, original, group, nodes, calibration: CalibrationData, pro
     for c in group:
         last = c.chain.convs[-1]
         g = last.group
-        fg, og = last.weight.shape[1], last.weight.shape[0] // g
+        fg, og = last.weight.shape[1] * math.prod(last.weight.shape[2:]), last.weight.shape[0] // g
         sums[c.site.name] = [(NormalEquations(fg, og), NormalEquations(fg, og)) for _ in range(g)]
     for chunk in calibration.cache:
         hs, ys = compressed.run(chunk.feeds), reference.run(chunk.feeds)
@@ -268,9 +294,10 @@ def _accumulate(model, original, group, nodes, calibration: CalibrationData, pro
                 pick = None
                 if per_sample > limit:  # a random subset of each sample's pixels
                     pick = np.concatenate([i * per_sample + rng.choice(per_sample, limit, replace=False) for i in range(n)])
-                g = c.chain.convs[-1].group
-                for k in range(g):
-                    sums[c.site.name][k][part].add(_pixels(hp, g, k, pick), _pixels(yp, g, k, pick))
+                last = c.chain.convs[-1]
+                for k in range(last.group):
+                    features = _features(hp, last, c.site.geometry, tuple(yp.shape[2:]), k, pick)
+                    sums[c.site.name][k][part].add(features, _pixels(yp, last.group, k, pick))
         del hs, ys
     return sums
 
@@ -291,6 +318,8 @@ def _gather(model: onnx.ModelProto, group, calibration: CalibrationData, provide
             if not picks:
                 continue
             rows = np.asarray([where[name][j][1] for j in picks])
-            out[name][picks] = st.tiles.tile.cut_inputs(acts[st.input_name], rows, st.tiles.origins[picks])
+            x = acts[st.input_name]
+            tile = TileGeometry.of(st.geometry, tuple(x.shape[2:]), st.tiles.tile.extent)  # inputs may vary in size
+            out[name][picks] = tile.cut_inputs(x, rows, st.tiles.origins[picks])
         del acts
     return out

@@ -125,9 +125,11 @@ class TileReservoir:
         """Offer ``capacity`` random tiles of each of ``rows`` (rows of ``x``/``y``; global ids ``sample_ids``)."""
         if len(rows) == 0:
             return
+        in_dims = tuple(int(d) for d in x.shape[2:])
         if self.tile is None:
-            self.tile = TileGeometry.of(geometry, tuple(int(d) for d in x.shape[2:]))
-        elif tuple(x.shape[2:]) != self.tile.in_dims:  # another input size: tiles from the first one only
+            self.tile = TileGeometry.of(geometry, in_dims)
+        tile = self.tile if in_dims == self.tile.in_dims else TileGeometry.of(geometry, in_dims, self.tile.extent)
+        if not tile.fits:  # an input too small for this layer's tiles
             self.skipped_shapes += 1
             return
         # Each row offers ``capacity`` candidates with uniform priorities; only those below the
@@ -139,13 +141,13 @@ class TileReservoir:
         if total == 0:
             return
         priority = rng.random(total) * threshold
-        origins = rng.integers(0, np.asarray(self.tile.origins()), size=(total, len(self.tile.origins())))
+        origins = rng.integers(0, np.asarray(tile.origins()), size=(total, len(tile.origins())))
         row_of = np.repeat(rows, counts)
         pick = np.arange(total)
         if total > self.capacity:
             pick = np.argpartition(priority, self.capacity - 1)[: self.capacity]
-        windows = self.tile.cut_inputs(x, row_of[pick], origins[pick])
-        targets = self.tile.cut_outputs(y, row_of[pick], origins[pick])
+        windows = tile.cut_inputs(x, row_of[pick], origins[pick])
+        targets = tile.cut_outputs(y, row_of[pick], origins[pick])
         ids = np.asarray(sample_ids, dtype=np.int64)[np.searchsorted(rows, row_of[pick])]  # rows are sorted
         self._merge(priority[pick], ids, origins[pick], windows, targets)
 
@@ -230,7 +232,8 @@ class CalibrationData:
     source: str
     seconds: float
     memory: dict
-    notes: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)       # sites without statistics, and why
+    tile_notes: dict[str, str] = field(default_factory=dict)  # sites with fewer tiles, and why
 
     def locate(self, sample_ids: np.ndarray) -> list[tuple[int, int]]:
         """``(chunk, row)`` in :attr:`cache` of each global sample id."""
@@ -246,6 +249,7 @@ class CalibrationData:
             "seconds": round(self.seconds, 3),
             "memory": self.memory,
             "notes": dict(self.notes),
+            "tile_notes": dict(self.tile_notes),
         }
 
 
@@ -378,10 +382,9 @@ def collect_statistics(
         "run_mb": round(peak_run_bytes / _MB, 2),
         "budget_mb": config.memory_mb,
     }
-    for st in layers.values():
-        if st.tiles.skipped_shapes:
-            notes[st.name] = f"tiles from the first input size only ({st.tiles.skipped_shapes} runs of another size)"
-    return CalibrationData(layers, cache, seen, source.describe, time.perf_counter() - start, memory, notes)
+    tile_notes = {st.name: f"no tiles from {st.tiles.skipped_shapes} runs whose output is smaller than a tile"
+                  for st in layers.values() if st.tiles.skipped_shapes}
+    return CalibrationData(layers, cache, seen, source.describe, time.perf_counter() - start, memory, notes, tile_notes)
 
 
 def _tile_capacity(sites: list[ConvSite], tiles: int, budget: float) -> int:

@@ -70,10 +70,13 @@ class TileGeometry:
     pad_begin: tuple[int, ...]
 
     @classmethod
-    def of(cls, geometry: ConvGeometry, in_dims: tuple[int, ...]) -> "TileGeometry":
+    def of(cls, geometry: ConvGeometry, in_dims: tuple[int, ...], extent: tuple[int, ...] | None = None) -> "TileGeometry":
+        """The tiles of a Conv on inputs of ``in_dims``; ``extent`` (default :data:`TILE_EXTENT`,
+        clipped to the output) fixes their size, so that tiles of inputs of other sizes stack."""
         out = output_dims(geometry, in_dims)
-        t = TILE_EXTENT.get(geometry.spatial_dims, 2)
-        extent = tuple(max(1, min(t, o)) for o in out)
+        if extent is None:
+            t = TILE_EXTENT.get(geometry.spatial_dims, 2)
+            extent = tuple(max(1, min(t, o)) for o in out)
         window = tuple((e - 1) * s + (k - 1) * d + 1
                        for e, k, s, d in zip(extent, geometry.kernel_shape, geometry.strides, geometry.dilations))
         begin, _ = explicit_pads(geometry, in_dims)
@@ -83,6 +86,11 @@ class TileGeometry:
     def positions(self) -> int:
         """Output positions per tile."""
         return math.prod(self.extent)
+
+    @property
+    def fits(self) -> bool:
+        """Whether a whole tile fits in the output."""
+        return all(o >= e for o, e in zip(self.out_dims, self.extent))
 
     def origins(self) -> tuple[int, ...]:
         """Number of possible tile origins per axis (output positions where a whole tile fits)."""

@@ -60,6 +60,9 @@ class Renderer:
         timed = any(layer.latency and "speedup" in layer.latency for layer in report.layers)
         columns = [("layer", "left"), ("weight", "left"), ("status", "left"), ("VBMF", "right"), ("ranks", "left"),
                    ("params", "right"), ("MACs", "right"), ("rel. err", "right")]
+        calibrated = any(layer.output_error is not None for layer in report.layers)
+        if calibrated:  # the data-aware figures: output error on the calibration data, then in the network
+            columns += [("fit", "left"), ("out. err", "right"), ("corrected", "right")]
         columns += [("measured", "right")] if timed else []
         for col, justify in columns + [("reason", "left")]:
             table.add_column(col, justify=justify, overflow="fold")
@@ -68,6 +71,13 @@ class Renderer:
             if timed:
                 lat = layer.latency or {}
                 measured = [f"{lat['original_ms']:.3g}->{lat['chain_ms']:.3g} ms {lat['speedup']:.2f}x" if "speedup" in lat else "-"]
+            data = []
+            if calibrated:
+                corr = layer.correction or {}
+                corrected = "-"
+                if "error_after" in corr:
+                    corrected = f"{corr['error_before']:.3f}->{corr['error_after']:.3f}" + ("" if corr.get("applied") else " (kept)")
+                data = [layer.fit or "-", "-" if layer.output_error is None else f"{layer.output_error:.3f}", corrected]
             vbmf = ", ".join(f"{m['mode']}={m['vbmf_rank']}/{m['full_rank']}" for m in layer.modes) or "-"
             table.add_row(
                 escape(layer.name),
@@ -78,6 +88,7 @@ class Renderer:
                 _ratio(layer.params_ratio),
                 _ratio(layer.macs_ratio),
                 "-" if layer.rel_reconstruction_error is None else f"{layer.rel_reconstruction_error:.3f}",
+                *data,
                 *measured,
                 escape(layer.reason or ""),
             )
@@ -134,10 +145,22 @@ class Renderer:
         if "budget" in speed:
             self.console.print(f"latency budget {speed['budget']}: {'met' if speed['budget_met'] else 'NOT met'}")
 
+    def calibration(self, calibration: dict | None) -> None:
+        """One line on the calibration data and what the stage spent."""
+        if not calibration:
+            return
+        corr = calibration.get("correction") or {}
+        line = (f"calibration: {escape(calibration['source'])}, fit {calibration['fit']}, statistics {calibration['seconds']:.1f} s "
+                f"({calibration['memory'].get('moments_mb', 0) + calibration['memory'].get('tiles_mb', 0) + calibration['memory'].get('cache_mb', 0):.0f} MB)")
+        if corr.get("layers"):
+            line += f"; correction of {corr['layers']} layers in {corr['stages']} passes on {corr['samples']} samples, {corr.get('seconds', 0):.1f} s"
+        self.console.print(line)
+
     def compress_report(self, report) -> None:
         if not self.quiet:
             self.console.print(self.layer_table(report, "Layers"))
             self._skipped(report)
+            self.calibration(report.calibration)
             self.speed(report.speed)
             self.validation(report.validation)
             for w in report.warnings:
@@ -152,6 +175,7 @@ class Renderer:
     def analyze_report(self, report) -> None:
         self.console.print(self.layer_table(report, "Analysis (nothing written)"))
         self._skipped(report)
+        self.calibration(report.calibration)
         self._totals(report)
         sigma = [f"{escape(l.name)}: " + ", ".join(f"{m['mode']} sigma2={m['sigma2']:.3g}" for m in l.modes) for l in report.layers if l.modes]
         if sigma:

@@ -58,6 +58,23 @@ def test_full_rank_data_fit_and_correction_are_exact(kwargs, full_rank_config):
     assert rel_l2(expected, got) <= 1e-4
 
 
+@pytest.mark.parametrize("case", ["k3", "asym_pads_strided", "same_lower", "dilation", "group2", "conv1d_strided_dilated", "conv3d_strided_asym"])
+def test_full_rank_input_only_chain_correction_is_exact(case, full_rank_config):
+    """The correction of an input-only Tucker-2 chain refits its last conv, the k x k core, from
+    im2col features (padding, strides, dilations, groups): exact at full rank too."""
+    kwargs = dict(CASES)[case]
+    model = make_conv_model(**kwargs)
+    weight_shape = tuple(model.graph.initializer[0].dims)
+    config = full_rank_config({"conv": {"out": None, "in": weight_shape[1]}})
+    config = dataclasses.replace(config, calibration=CalibrationConfig(fit="data", correct=True))
+    compressed, report = compress(model, config=config, calibration=_feeds(model, 6, 0))
+    layer = report.layers[0]
+    assert layer.ranks == {"out": None, "in": weight_shape[1]} and len(layer.new_nodes) == 2
+    assert layer.correction["error_after"] < 1e-4
+    feeds = _feeds(model, 1, 9)[0]
+    assert rel_l2(run_ort(model, feeds)[0], run_ort(compressed, feeds)[0]) <= 1e-4
+
+
 def test_inputs_in_a_channel_subspace_need_only_that_rank():
     """Inputs living in a 4-dimensional subspace of 16 channels: the data-aware input factor of
     rank 4 loses (almost) nothing of the output, the weight-only one most of it."""
@@ -139,15 +156,23 @@ def test_bundled_model_report_records_fit_errors_and_correction(bundled_results)
 
 
 def test_error_policy_with_calibration_meets_the_measured_output_error():
+    """Every layer's measured output error meets the target; the cheapest such chains here are
+    input-only Tucker-2 chains, whose k x k core the correction refits (measured on the held-out
+    correction samples: 0.121 -> 0.078 on the first, 0.159 -> 0.138, ..., 0.195 -> 0.191 on the last)."""
     config = CompressConfig(ranks=RankConfig(policy="error", target_error=0.15), exclude=("/0/Conv",),
-                            calibration=CalibrationConfig(samples=128, correct=False))
+                            calibration=CalibrationConfig(samples=128))
     _, report = compress(MODELS / "fashion_cnn.onnx", config=config, calibration=CALIB)
     decomposed = report.decomposed
-    assert decomposed
+    assert len(decomposed) >= 4
     for layer in decomposed:
         assert layer.output_error <= 0.15
         assert "output error <= 0.15 on the calibration data" in layer.modes[0]["note"]
         assert any(c.get("note", "").startswith("measured") for c in layer.candidates)
+    cores = [l for l in decomposed if l.ranks["out"] is None]
+    assert len(cores) >= 3
+    applied = [l.correction for l in cores if l.correction["applied"]]
+    assert len(applied) >= 3 and all(c["held_out_after"] < c["held_out_before"] for c in applied)
+    assert max(c["held_out_before"] - c["held_out_after"] for c in applied) > 0.03
 
 
 def _if_model() -> onnx.ModelProto:
@@ -216,3 +241,24 @@ def test_calibration_data_that_does_not_fit_is_a_usage_error():
         compress(model, calibration=bad)
     with pytest.raises(UsageError, match="--fit"):
         compress(model, config=CompressConfig(calibration=CalibrationConfig(fit="both")), calibration=_feeds(model, 1, 0))
+
+
+def test_measured_selection_then_correction_of_the_layers_it_kept():
+    """With --measure: layers the (fake) timer calls slower stay original and are not corrected;
+    the correction runs on the final choice and its weights are what the model computes."""
+    from onnxfactor.config import LatencyConfig
+    from onnxfactor.latency import FakeTimer
+    from tests.unit.test_speed import conv_cost, two_conv_model
+
+    model = two_conv_model()
+    cost = conv_cost({"convA": 10.0, "convB": 1.0}, chain_ms=1.0)  # convB's chain (3 convs) is slower
+    config = CompressConfig(latency=LatencyConfig(rank_search=False), calibration=CalibrationConfig(fit="data"))
+    compressed, report = compress(model, config=config, timer=FakeTimer(cost), calibration=_feeds(model, 8, 0))
+    by_name = {l.name: l for l in report.layers}
+    assert by_name["convA"].status == "decomposed" and by_name["convA"].correction["applied"] in (True, False)
+    assert "error_after" in by_name["convA"].correction
+    assert by_name["convB"].status == "kept" and by_name["convB"].reason.startswith("measured not faster")
+    assert by_name["convB"].correction is None
+    assert [n.name for n in compressed.graph.node if n.op_type == "Conv"][-1] == "convB"
+    feeds = _feeds(model, 1, 5)[0]
+    assert rel_l2(run_ort(model, feeds)[0], run_ort(compressed, feeds)[0]) < 0.05
