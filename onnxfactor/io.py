@@ -78,6 +78,8 @@ class LoadedModel:
     ir_version: int
     external_data: bool
     folded: list[str] = field(default_factory=list)
+    #: one line per other normalisation, e.g. a graph output given the shape it was missing
+    normalised: list[str] = field(default_factory=list)
 
 
 def load_model(source: str | os.PathLike | ModelProto) -> LoadedModel:
@@ -91,6 +93,7 @@ def load_model(source: str | os.PathLike | ModelProto) -> LoadedModel:
         model.CopyFrom(source)
         path, external, label = None, False, "input model"
         _check_is_model(model, label)
+        normalised = _declare_output_shapes(model)
         _check_input(model, label)
     else:
         path = Path(source)
@@ -98,6 +101,7 @@ def load_model(source: str | os.PathLike | ModelProto) -> LoadedModel:
         label = f"input model {path}"
         del serialised
         _check_is_model(model, label)
+        normalised = _declare_output_shapes(model)
         _check_input(model, label)
 
     ir_version = model.ir_version
@@ -113,7 +117,51 @@ def load_model(source: str | os.PathLike | ModelProto) -> LoadedModel:
     )
     if folded:
         log.debug("%s: folded %d constants into initializers", label, len(folded))
-    return LoadedModel(model=model, path=path, ir_version=ir_version, external_data=external, folded=folded)
+    return LoadedModel(model=model, path=path, ir_version=ir_version, external_data=external, folded=folded, normalised=normalised)
+
+
+def _declare_output_shapes(model: ModelProto) -> list[str]:
+    """Give every tensor graph output without a shape the one shape inference (or, failing that, one
+    ONNX Runtime run on random inputs) finds; returns a line per output changed.
+
+    ONNX Runtime runs such models, but ``onnx.checker`` rejects them ("Field 'shape' of 'type' is
+    required but missing") and so would refuse the written model. Unknown dims become ``dim_param``
+    names (``<output>_dim<i>``). An output whose rank neither can tell is left as it is.
+    """
+    missing = [o for o in model.graph.output
+               if o.type.WhichOneof("value") == "tensor_type" and not o.type.tensor_type.HasField("shape")]
+    if not missing:
+        return []
+    from onnxfactor.analysis import infer_shapes, record_shapes
+
+    shapes = infer_shapes(model, {})
+    unknown = [o.name for o in missing if shapes.get(o.name) is None]
+    if unknown:
+        from onnxfactor.validation.inputs import resolve_input_shapes
+
+        try:
+            shapes.update(record_shapes(model, model.ir_version, resolve_input_shapes(model, {}), unknown))
+        except Exception:  # noqa: BLE001 - e.g. an input of unknown rank: leave the output to the checker
+            pass
+    lines = []
+    for output in missing:
+        shape = shapes.get(output.name)
+        if shape is None:
+            continue
+        dims = output.type.tensor_type.shape.dim
+        for i, d in enumerate(shape):
+            if isinstance(d, int) and d > 0 and output.name not in unknown:
+                dims.add().dim_value = d
+            else:  # a dim of one recorded run is no fixed dim of the model
+                dims.add().dim_param = f"{output.name}_dim{i}"
+        source = "shape inference" if output.name not in unknown else "one ONNX Runtime run (rank only)"
+        lines.append(f"graph output {output.name!r} had no shape: declared {_shape_text(output)} from {source}")
+    return lines
+
+
+def _shape_text(value) -> str:
+    dims = [str(d.dim_value) if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+    return "[" + ", ".join(dims) + "]"
 
 
 def restore_conventions(model: ModelProto, ir_version: int) -> ModelProto:

@@ -19,7 +19,7 @@ from onnxfactor import io as model_io
 from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
 from onnxfactor.config import FIT_CHOICES, CompressConfig
 from onnxfactor.decompose import LayerDecomposer
-from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, ValidationFailed, first_line
+from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, UsageError, ValidationFailed, first_line
 from onnxfactor.io import check_output_path
 from onnxfactor.ranks.policies import load_rank_file
 from onnxfactor.report import CompressReport, LayerReport, Totals
@@ -37,6 +37,7 @@ class CompressResult:
     model: onnx.ModelProto
     report: CompressReport
     external_data: bool = False  # the source stored its weights as external data
+    run_error: Exception | None = None  # the model does not run at the report's input shapes
 
     def __iter__(self):  # allows ``model, report = compress(...)``
         return iter((self.model, self.report))
@@ -50,13 +51,23 @@ class _Prepared:
     skipped: list[SkippedNode]
     input_shapes: dict
     shapes: dict
+    run_error: Exception | None = None  # the model does not run at input_shapes (validation.dims)
 
 
 def _prepare(source, input_shapes: dict | None) -> _Prepared:
     from onnxfactor.validation.inputs import resolve_input_shapes
 
+    from onnxfactor.validation.dims import fit_dynamic_dims
+
     loaded = model_io.load_model(source)
     resolved = resolve_input_shapes(loaded.model, input_shapes or {})
+    runnable = loaded.model if loaded.ir_version >= 4 else model_io.restore_conventions(_copy(loaded.model), loaded.ir_version)
+    run_error = None
+    try:
+        resolved, notes = fit_dynamic_dims(runnable, resolved, input_shapes)
+        loaded.normalised.extend(notes)
+    except UsageError as e:  # raised where a run at these shapes is needed
+        run_error = e
     shapes = infer_shapes(loaded.model, resolved)
     graph = gs.import_onnx(loaded.model)
     name_unnamed_nodes(graph)
@@ -70,7 +81,11 @@ def _prepare(source, input_shapes: dict | None) -> _Prepared:
             site.output_shape = recorded.get(site.node.outputs[0].name, site.output_shape)
     if not sites and not skipped:
         raise NothingToCompress("the model has no Conv node: nothing to compress")
-    return _Prepared(loaded, graph, sites, skipped, resolved, shapes)
+    if not sites:
+        listed = "; ".join(f"{s.graph_path}{s.name} ({s.op_type}): {s.reason}" for s in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise NothingToCompress(f"no Conv of the model can be decomposed, {len(skipped)} conv-like nodes are not candidates: {listed}{more}")
+    return _Prepared(loaded, graph, sites, skipped, resolved, shapes, run_error)
 
 
 def _model_params(model: onnx.ModelProto) -> int:
@@ -192,12 +207,13 @@ def compress(
         speed=speed,
         calibration=None if calib is None else {**calib.to_dict(), "fit": config.calibration.fit, "correction": correction},
     )
+    report.warnings.extend(prep.loaded.normalised)
     if speed is not None and speed.get("warning"):
         report.warnings.append(speed["warning"])
     if not report.totals.macs_known:
         report.warnings.append("some Conv output shapes are unknown: MAC totals cover only the known layers (set --input-shape)")
     timings["total"] = time.perf_counter() - t0
-    return CompressResult(out, report, external_data=prep.loaded.external_data)
+    return CompressResult(out, report, external_data=prep.loaded.external_data, run_error=prep.run_error)
 
 
 def calibrate(
@@ -308,9 +324,16 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     from onnxfactor.latency import OrtTimer
     from onnxfactor.validation import make_inputs, resolve_providers
 
+    if prep.run_error is not None:
+        raise prep.run_error
     latency = config.latency
     providers = resolve_providers(latency.provider)
     timer = timer or OrtTimer(providers, latency.threads)
+    cache = None
+    if latency.timing_cache is not None:
+        from onnxfactor.timing_cache import CachedTimer
+
+        timer = cache = CachedTimer(timer, latency.timing_cache, context=f"{providers}|threads={latency.threads}")
     opset = next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
     # the normalised input stays unchanged on this path (trial and final models are copies), so it
     # is timed as it is unless IR < 4 needs its initializers listed as inputs again
@@ -318,6 +341,8 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     _require_loadable(original, providers)
     feeds = make_inputs(original, shapes=prep.input_shapes, seed=0).batches[0]
     speed = {"providers": providers, "threads": latency.threads, "margin": latency.margin}
+    if cache is not None:
+        speed["timing_cache"] = cache  # a live object: the report's JSON reads its final hit counts
     budget = latency.target_speedup is not None or latency.max_latency_ms is not None
 
     def build():
@@ -401,6 +426,7 @@ def analyze(
         folded=list(prep.loaded.folded),
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
         calibration=None if calib is None else {**calib.to_dict(), "fit": config.calibration.fit},
+        warnings=list(prep.loaded.normalised),
     )
     predicted = [dataclasses.replace(l, status="decomposed" if l.status == "would decompose" else l.status) for l in layers]
     params = _model_params(prep.loaded.model)
@@ -529,6 +555,7 @@ def compress_file(
     calibration=None,
     images=None,
     allow_overlap: bool = False,
+    external_data: bool = False,
 ) -> CompressReport:
     """Compress a model file and write the result atomically, only after it passes every check.
 
@@ -556,9 +583,11 @@ def compress_file(
         if calibration is not None and validation.data is not None and not allow_overlap:
             _check_disjoint(input_path, calibration, images, config, validation)
     result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress, calibration=calibration, images=images)
-    report, external_data = result.report, result.external_data
-    if not report.decomposed:
-        report.warnings.append("no layer was decomposed: the output computes the same as the input")
+    report, external_data = result.report, result.external_data or external_data
+    run_error = result.run_error
+    if not report.decomposed:  # the input itself, not a re-export of its normalised copy
+        report.warnings.append("no layer was decomposed: the output is the input model unchanged")
+        result.model = onnx.load(str(input_path))
 
     def check(tmp_path: Path) -> None:
         t = time.perf_counter()
@@ -566,10 +595,14 @@ def compress_file(
         report.timings["check"] = time.perf_counter() - t
         if validation is None:
             return
+        if run_error is not None and validation.data is None:  # random inputs at shapes the model cannot run
+            raise run_error
         t = time.perf_counter()
-        vr = validate(input_path, tmp_path, options=validation, input_shapes=input_shapes)
+        shapes = input_shapes if validation.data is not None else {k: tuple(v) for k, v in report.input_shapes.items()}
+        vr = validate(input_path, tmp_path, options=validation, input_shapes=shapes)
         report.validation = vr.to_dict()
         report.timings["validate"] = time.perf_counter() - t
+        report.accuracy_warning = _accuracy_warning(vr, validation, calibration is not None, config)
         if not vr.passed(validation.max_rel_error):
             raise ValidationFailed(
                 f"worst output relative L2 error {vr.worst_rel_l2:.3g} exceeds --max-rel-error "
@@ -593,6 +626,21 @@ def compress_file(
         if report_path is not None:
             report.write_json(report_path)
     return report
+
+
+def _accuracy_warning(vr, validation: ValidationOptions, calibrated: bool, config: CompressConfig | None) -> str | None:
+    """The safe default: a measured result far from the original, with the options that trade
+    compression for accuracy (not already in use)."""
+    far = vr.far_from_original()
+    if far is None:
+        return None
+    fixes = ["a weaker rank policy (--ranks weakened --weaken 0.3, --ranks error --target-error 0.1)"]
+    if not calibrated:
+        fixes.append("calibration data (--calibration DATA: data-aware factors and correction)")
+    if (config or CompressConfig()).calibration.reconstruct_steps == 0:
+        fixes.append("layer-wise reconstruction (--reconstruct 300, with --calibration)")
+    where = "on random inputs" if validation.data is None else f"on {vr.input_source}"
+    return f"the compressed model is far from the original {where}: {far}; trade compression for accuracy with " + ", ".join(fixes)
 
 
 def _check_disjoint(input_path: Path, calibration, images, config: CompressConfig | None, validation: ValidationOptions) -> None:

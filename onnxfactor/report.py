@@ -108,6 +108,8 @@ class CompressReport:
     validation: dict | None = None
     speed: dict | None = None           # latency-aware selection: end-to-end rounds, budget
     calibration: dict | None = None     # calibration data, statistics, correction (onnxfactor.calibration)
+    #: the validation found the outputs far from the original's (thresholds in onnxfactor.validation.compare)
+    accuracy_warning: str | None = None
     input_path: str | None = None
     output_path: str | None = None
 

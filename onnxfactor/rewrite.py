@@ -107,6 +107,12 @@ def export_model(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:
     outer_reads = [t for sub in subgraphs for t in sub.tensors().values() if isinstance(t, gs.Constant)]
 
     onnx_graph = model.graph
+    # onnx-graphsurgeon can drop a shape it could not represent (a tensor's type kept, its shape
+    # lost): a valid model would come out failing onnx.checker. The rewrite keeps every tensor
+    # name's shape, so the source's declaration of the same name is restored where that happens.
+    declared = {v.name: v for v in (*onnx_graph.output, *onnx_graph.value_info) if _has_shape(v)}
+    outputs = [_keep_shape(v, declared) for v in outputs]
+    value_info = [_keep_shape(v, declared) for v in value_info]
     dense = [t for t in constants if not isinstance(t._values, SparseValues)]
     sparse = [t for t in constants if isinstance(t._values, SparseValues)]
     new_dense = _keep_used(onnx_graph.initializer, dense, outer_reads)
@@ -119,6 +125,20 @@ def export_model(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:
         container.extend(values)
     _hoist_shared_initializers(onnx_graph)
     return model
+
+
+def _has_shape(value: onnx.ValueInfoProto) -> bool:
+    return value.type.WhichOneof("value") == "tensor_type" and value.type.tensor_type.HasField("shape")
+
+
+def _keep_shape(value: onnx.ValueInfoProto, declared: dict) -> onnx.ValueInfoProto:
+    """``value``, or the source's declaration of the same tensor when ``value`` lost its shape."""
+    source = declared.get(value.name)
+    if source is not None and not _has_shape(value):
+        kept = onnx.ValueInfoProto()
+        kept.CopyFrom(source)
+        return kept
+    return value
 
 
 def _keep_used(stored, used: list[gs.Constant], outer_reads: list[gs.Constant]) -> list[gs.Constant]:

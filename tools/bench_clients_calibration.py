@@ -58,14 +58,15 @@ def rank_config(setting: str, round_to: int):
     return RankConfig(policy="ratio", ratio=float(value), round_to=round_to)
 
 
-def config_for(name: str, setting: str | None = None, round_to: int = 1):
+def config_for(name: str, setting: str | None = None, round_to: int = 1, reconstruct: int = 0):
     from onnxfactor import CompressConfig, LatencyConfig
     from onnxfactor.config import CalibrationConfig
 
     _, samples, correction_samples = CALIBRATION[name]
     ranks = rank_config(setting, round_to) if setting else None
     config = CompressConfig(latency=LatencyConfig(),
-                            calibration=CalibrationConfig(samples=samples, correction_samples=correction_samples, stages=8))
+                            calibration=CalibrationConfig(samples=samples, correction_samples=correction_samples, stages=8,
+                                                          reconstruct_steps=reconstruct))
     return config if ranks is None else CompressConfig(ranks=ranks, latency=config.latency, calibration=config.calibration)
 
 
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--reconstruct", type=int, default=0, help="--reconstruct STEPS of every compression (PyTorch)")
     p.add_argument("--workdir", type=Path, default=ROOT / "out" / "clients_calibration")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_clients_calibration.json")
     args = p.parse_args(argv)
@@ -109,12 +111,12 @@ def main(argv=None) -> int:
         for name in CALIBRATION:
             paths[name] = work / f"{name}.onnx"
             t = time.perf_counter()
-            reports[name] = compress_file(originals[name], paths[name], config=config_for(name, setting, args.round_to),
+            reports[name] = compress_file(originals[name], paths[name], config=config_for(name, setting, args.round_to, args.reconstruct),
                                           input_shapes=clients.INPUT_SHAPES[name], validation=None, calibration=stats[name])
             reports[name].timings["wall"] = time.perf_counter() - t
         ocr = clients.ocr_compare(originals["det"], paths["det"], originals["rec"], paths["rec"], ocr_images, repeats=args.repeats)
         det = clients.detector_compare(originals["nudenet"], paths["nudenet"], det_images, repeats=args.repeats)
-        row = {"setting": setting,
+        row = {"setting": setting, "reconstruct": args.reconstruct,
                "models": {n: {"conv_macs_ratio": r.totals.conv_macs_ratio, "decomposed": len(r.decomposed), "layers": len(r.layers),
                               "timings": r.timings} for n, r in reports.items()},
                "ocr_agrees": ocr_agrees(ocr["images"]), "detector_agrees": detector_agrees(det["images"]),

@@ -74,9 +74,12 @@ def compress(
     speed_margin: opt.SpeedMargin = 0.05,
     rank_search: opt.RankSearch = True,
     allow_slower: opt.AllowSlower = False,
+    timing_cache: opt.TimingCache = None,
     target_speedup: opt.TargetSpeedup = None,
     max_latency_ms: opt.MaxLatencyMs = None,
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the ONNX Runtime comparison (checker and load still run)."),
+    external_data: bool = typer.Option(False, "--external-data", help="Write the weights to OUTPUT_MODEL.data (external data), "
+                                       "as is done anyway when the input has external data or the output exceeds 2 GiB."),
     report: opt.ReportPath = None,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -96,6 +99,7 @@ def compress(
         config = dataclasses.replace(config, latency=LatencyConfig(
             margin=speed_margin, rank_search=rank_search, guard=True, allow_slower=allow_slower,
             target_speedup=target_speedup, max_latency_ms=max_latency_ms, provider=provider, threads=threads,
+            timing_cache=timing_cache,
         ))
     config = dataclasses.replace(config, calibration=_calibration_config(calibration_samples, fit, correct, reconstruct, calibration_memory, provider))
     images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
@@ -108,7 +112,7 @@ def compress(
         result = compress_file(
             input_model, output_model, config=config, input_shapes=_shapes(input_shape),
             validation=validation, report_path=report, progress=progress,
-            calibration=calibration, images=images, allow_overlap=allow_overlap,
+            calibration=calibration, images=images, allow_overlap=allow_overlap, external_data=external_data,
         )
     render.compress_report(result)
 

@@ -204,6 +204,11 @@ SpeedMargin = Annotated[
 RankSearch = Annotated[
     bool, typer.Option("--rank-search/--no-rank-search", help="Also time ranks rounded up to multiples of 8 and 16; keep the fastest.")
 ]
+TimingCache = Annotated[
+    Optional[Path],
+    typer.Option("--timing-cache", metavar="FILE", help="Reuse and extend the layer and model timings in this JSON file "
+                 "(keyed by structure, provider, threads and machine): a repeated run makes the same choices.", show_default=False),
+]
 AllowSlower = Annotated[
     bool, typer.Option("--allow-slower", help="Write the model even if it measures slower end to end (no rollback).")
 ]

@@ -165,7 +165,12 @@ class Renderer:
             self.validation(report.validation)
             for w in report.warnings:
                 self.console.print(f"[yellow]warning:[/] {escape(w)}")
+        if report.accuracy_warning:  # also with --quiet: the one thing a user must not miss
+            self.console.print(f"[bold red]WARNING:[/] {escape(report.accuracy_warning)}")
         self._totals(report)
+        v = report.validation
+        if v and v.get("input_source", "").startswith("random"):
+            self.console.print("validated on random inputs: output errors only, not task accuracy (give real inputs with --data)")
         self.console.print(
             f"decomposed {len(report.decomposed)} of {len(report.layers)} Conv layers, kept {len(report.kept)}, "
             f"not candidates {len(report.skipped)}; wrote {escape(str(report.output_path))} "

@@ -7,7 +7,8 @@ so outputs are never held in memory all at once; the numbers equal those of the 
 * ``rel_l2`` = ||a - b|| / max(||a||, tiny), ``a`` being the original's output
 * ``cosine`` = a.b / (||a|| ||b||); 1.0 when both are zero, 0.0 when only one is
 * ``top1_agreement``: for classifier-like outputs, the fraction of samples whose argmax over axis 1
-  is the same in both models. Classifier-like: a floating-point output of shape ``[N, C]`` with
+  is the same in both models; a sample whose scores hold a NaN in either model never agrees (and
+  is never correct for accuracy). Classifier-like: a floating-point output of shape ``[N, C]`` with
   C >= 2, or ``[N, C, 1, ...]`` (e.g. ``N x C x 1 x 1``), in every batch.
 
 Non-finite values: a NaN in either output makes ``max_abs`` and ``cosine`` NaN and ``rel_l2``
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 _TINY = np.finfo(np.float64).tiny
 LATENCY_WARMUP = 5
+#: Below this top-1 agreement, or above this relative L2 error of an output, the compressed model
+#: is called far from the original (a prominent warning; see :meth:`ValidationResult.far_from_original`).
+WARN_TOP1_AGREEMENT = 0.9
+WARN_REL_L2 = 0.3
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,18 @@ class ValidationResult:
         if not max_rel_error >= 0:
             raise UsageError(f"--max-rel-error must be a number >= 0, got {max_rel_error!r}")
         return self.worst_rel_l2 <= max_rel_error
+
+    def far_from_original(self) -> str | None:
+        """Why the compressed model's outputs are far from the original's (:data:`WARN_TOP1_AGREEMENT`,
+        :data:`WARN_REL_L2`), or None. Non-finite errors always count as far."""
+        reasons = []
+        agreements = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        if agreements and min(agreements) < WARN_TOP1_AGREEMENT:
+            reasons.append(f"top-1 agreement {min(agreements):.3f} (< {WARN_TOP1_AGREEMENT:g})")
+        worst = self.worst_rel_l2
+        if not worst <= WARN_REL_L2:  # NaN too
+            reasons.append(f"worst output relative L2 error {worst:.3g} (> {WARN_REL_L2:g})")
+        return " and ".join(reasons) or None
 
     def to_dict(self) -> dict:
         """Plain values (full-precision floats) plus ``worst_rel_l2`` and ``speedup``.
@@ -166,8 +183,11 @@ class _OutputAccumulator:
             self.argmax_a, self.argmax_b = [], []
             return
         self.classes = a.shape[1]
-        self.argmax_a.append(a.reshape(a.shape[0], a.shape[1]).argmax(axis=1))
-        self.argmax_b.append(b.reshape(b.shape[0], b.shape[1]).argmax(axis=1))
+        rows_a, rows_b = a.reshape(a.shape[0], a.shape[1]), b.reshape(b.shape[0], b.shape[1])
+        # a row holding NaN has no class: argmax would say 0 on both sides and count as agreement
+        nan_a, nan_b = np.isnan(rows_a).any(axis=1), np.isnan(rows_b).any(axis=1)
+        self.argmax_a.append(np.where(nan_a, -1, rows_a.argmax(axis=1)))
+        self.argmax_b.append(np.where(nan_b | nan_a, -2, rows_b.argmax(axis=1)))
 
     def predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Argmax over axis 1 per sample for both models, or None when the output is not classifier-like."""

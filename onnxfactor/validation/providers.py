@@ -116,7 +116,7 @@ def make_session(
     options = ort.SessionOptions()
     # ONNX Runtime's own warnings (e.g. unused initializers it removes from a source model) would
     # flood the terminal during measurements; errors still raise
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures raise, and onnxfactor reports them in one line
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise UsageError(f"--threads must be a positive integer, got {threads!r}")

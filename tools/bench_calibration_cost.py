@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Cost of the calibration stage on real models: statistics + fit + correction time, peak memory.
+
+Each model runs in a fresh process (peak RSS is the process's). The calibration inputs are made
+first, by the engines' own preprocessing (``tools/calibration_sets.py``), and held in memory as a
+list of feed dicts, so that the time measured is onnxfactor's, not the loader's. Then
+``compress`` runs with calibration at VBMF ranks, by MACs alone (``--no-measure``: no timing of
+layers, which would add the measured selection's own cost), and its timings are reported::
+
+    python tools/bench_calibration_cost.py                   # nudenet 320n and PP-OCRv4 det, 256 inputs each
+    python tools/bench_calibration_cost.py --models nudenet --count 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+LOADERS = {"nudenet": "nudenet", "ppocr_det": "ppocr_det"}
+
+
+def one(name: str, count: int) -> dict:
+    os.environ["ONNXFACTOR_CALIB_COUNT"] = str(count)
+    from onnxfactor import CompressConfig, compress
+    from tools import calibration_sets, model_zoo
+
+    path = model_zoo.nudenet_320n() if name == "nudenet" else model_zoo.ppocr("det")
+    feeds = []
+    for f in getattr(calibration_sets, LOADERS[name])():
+        feeds.append(f)
+        if len(feeds) == count:
+            break
+    input_mb = sum(v.nbytes for f in feeds for v in f.values()) / 2**20
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    _, report = compress(path, config=CompressConfig(), calibration=feeds)
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tm = report.timings
+    return {
+        "model": name, "samples": report.calibration["samples"], "input_shape": list(next(iter(feeds[0].values())).shape),
+        "inputs_mb": round(input_mb, 1), "statistics_s": round(tm.get("calibration_statistics", 0), 1),
+        "fit_s": round(tm.get("decompose", 0), 1), "correction_s": round(tm.get("correction", 0), 1),
+        "total_s": round(wall, 1), "peak_rss_mb": round(peak), "rss_before_mb": round(base),
+        "memory": report.calibration["memory"], "correction": report.calibration["correction"],
+        "decomposed": len(report.decomposed), "layers": len(report.layers),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="nudenet,ppocr_det")
+    p.add_argument("--count", type=int, default=256)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_calibration_cost.json")
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args.one, args.count)))
+        return 0
+    rows = []
+    print("| model | inputs | input MB | statistics s | fit s | correction s | total s | peak RSS MB (before) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--count", str(args.count)],
+                             capture_output=True, text=True, check=True, cwd=ROOT)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        print(f"| {name} | {r['samples']} x {'x'.join(map(str, r['input_shape'][1:]))} | {r['inputs_mb']} | {r['statistics_s']} | "
+              f"{r['fit_s']} | {r['correction_s']} | {r['total_s']} | {r['peak_rss_mb']} ({r['rss_before_mb']}) |", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
