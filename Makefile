@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt requirements-clients.
 demo: setup
 	mkdir -p out
 	$(VENV)/bin/onnxfactor compress models/fashion_vgg_wide.onnx out/fashion_vgg_wide_tucker2.onnx \
-		--ranks weakened --weaken 0.6 --exclude /0/Conv \
-		--data models/fashion_mnist_test.npz --report out/fashion_vgg_wide_report.json
+		--calibration models/fashion_mnist_calib.npz --ranks error --target-error 0.2 --exclude /0/Conv \
+		--data models/fashion_mnist_test.npz --timing-cache out/timing_cache.json \
+		--report out/fashion_vgg_wide_report.json
 
 test: setup
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q

@@ -201,13 +201,18 @@ def check_feeds(
     if labels is not None:
         label_array = labels_array(labels, labels_key, where)
         counts[labels_key] = len(label_array)
+    check_sample_counts(counts, where)
+    size = next(iter(per_sample.values())) if per_sample else 1
+    if label_array is not None and not per_sample and len(label_array) != 1:
+        raise UsageError(f"{where} has {len(label_array)} labels but no per-sample input array")
+    return Batch(feeds=feeds, labels=label_array, size=size, start=start, per_sample=frozenset(per_sample))
+
+
+def check_sample_counts(counts: dict[str, int], where: str) -> None:
+    """Raise unless every per-sample array (and the labels) of ``where`` has the same length on axis 0."""
     if len(set(counts.values())) > 1:
         raise UsageError(
             f"arrays in {where} disagree on the number of samples (axis 0): "
             + ", ".join(f"{k} {v}" for k, v in counts.items())
             + f"; list arrays fed whole in every batch under {BROADCAST_KEY!r}"
         )
-    size = next(iter(per_sample.values())) if per_sample else 1
-    if label_array is not None and not per_sample and len(label_array) != 1:
-        raise UsageError(f"{where} has {len(label_array)} labels but no per-sample input array")
-    return Batch(feeds=feeds, labels=label_array, size=size, start=start, per_sample=frozenset(per_sample))

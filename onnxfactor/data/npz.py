@@ -26,7 +26,7 @@ import numpy as np
 
 from onnxfactor.errors import UsageError
 
-from .checks import BROADCAST_KEY, LABEL_KEYS, broadcast_names, check_feeds, labels_array
+from .checks import BROADCAST_KEY, LABEL_KEYS, broadcast_names, check_feeds, check_sample_counts, labels_array
 from .signature import InputSignature, check_fits
 from .source import Batch, FeedSource
 
@@ -104,12 +104,7 @@ class NpzSource(FeedSource):
         counts = {n: len(a) for n, a in self._split.items()}
         if labels is not None:
             counts[label_key] = len(labels)
-        if len(set(counts.values())) > 1:
-            raise UsageError(
-                f"arrays in {name} disagree on the number of samples (axis 0): "
-                + ", ".join(f"{k} {v}" for k, v in counts.items())
-                + f"; list arrays fed whole in every batch under {BROADCAST_KEY!r}"
-            )
+        check_sample_counts(counts, name)
         if len(set(batch_dims.values())) > 1:
             raise UsageError(
                 "inputs have different fixed batch dimensions: "
