@@ -80,6 +80,49 @@ class LatencyConfig:
 
 
 FIT_CHOICES = ("data", "weights")
+TRAIN_CHOICES = ("factors", "all")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Label-free distillation of the compressed model from the original (see :mod:`onnxfactor.finetune`).
+
+    epochs / steps:
+        Passes over the fine-tuning data, or (``steps`` set) that many optimiser steps.
+    lr:
+        Adam's learning rate, decayed to 0 on a cosine over the steps.
+    batch_size:
+        Samples per step (batches of the data are split or read at this size).
+    device:
+        ``cpu`` or ``cuda``; None: CUDA when torch sees it, else CPU.
+    train:
+        ``factors`` (default): only the decomposed chains' weights and biases; ``all``: every float
+        initializer but batch-norm statistics.
+    temperature:
+        Of the KL term on classifier-like outputs (``N x C``).
+    feature_weight:
+        Weight of the feature term: MSE at every decomposed layer's output tensor against the
+        original's tensor of the same name, relative to its mean square.
+    label_weight:
+        Weight of the cross-entropy on labels, when the data has them (0, the default: label-free).
+    seed / deterministic:
+        torch's seed; ``deterministic`` asks torch for deterministic algorithms.
+    threads:
+        torch intra-op threads (None: torch's default).
+    """
+
+    epochs: float = 1.0
+    steps: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 64
+    device: str | None = None
+    train: str = "factors"
+    temperature: float = 4.0
+    feature_weight: float = 1.0
+    label_weight: float = 0.0
+    seed: int = 0
+    deterministic: bool = False
+    threads: int | None = None
 
 
 @dataclass(frozen=True)

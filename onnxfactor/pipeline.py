@@ -140,6 +140,8 @@ def compress(
     timer=None,
     calibration=None,
     images=None,
+    finetune=None,
+    finetune_data=None,
 ) -> CompressResult:
     """Decompose the Conv layers of ``model`` and return the rewritten model and a report.
 
@@ -152,6 +154,9 @@ def compress(
     any iterable of feed dicts or an ONNX Runtime ``CalibrationDataReader``; see
     :func:`onnxfactor.data.open_source`) fits the factors to the layers' outputs on those inputs
     and corrects them sequentially, as ``config.calibration`` says (:mod:`onnxfactor.calibration`).
+    ``finetune`` (a :class:`~onnxfactor.config.FinetuneConfig`) then distils the original into the
+    compressed model on the same data, or on ``finetune_data`` (:mod:`onnxfactor.finetune`); a model
+    the converter cannot run falls back to the layer-wise reconstruction, with the reason in the report.
     Nothing is written to disk; see :func:`compress_file`.
     """
     config = config or CompressConfig()
@@ -160,6 +165,11 @@ def compress(
     prep = _prepare(model, input_shapes)
     explicit = _load_explicit(config, prep.sites)
     timings["load_and_analyse"] = time.perf_counter() - t0
+    fallback = teacher = None
+    if finetune is not None:
+        finetune_data = calibration if finetune_data is None else finetune_data
+        config, fallback = _finetune_preflight(prep, config, finetune_data)
+        teacher = _copy(_runnable(prep))  # the final build rewrites prep's model in place
     reconstruct = _reconstructor(config) if calibration is not None else None  # a missing torch fails fast
     calib = _calibrate(prep, config, explicit, calibration, images, progress)
     if calib is not None:
@@ -194,6 +204,11 @@ def compress(
     if out is None:
         out = _build(prep, candidates, in_place=True, hooi_iters=config.hooi_iters)
     timings["export"] = time.perf_counter() - t2 - timings.get("latency", 0.0) - timings.get("correction", 0.0)
+    tuned = None
+    if finetune is not None:
+        t = time.perf_counter()
+        tuned = fallback or _finetune(teacher, out, finetune_data, images, config, finetune, progress)
+        timings["finetune"] = time.perf_counter() - t
 
     report = CompressReport(
         config=dataclasses.asdict(config),
@@ -206,6 +221,7 @@ def compress(
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
         speed=speed,
         calibration=None if calib is None else {**calib.to_dict(), "fit": config.calibration.fit, "correction": correction},
+        finetune=tuned,
     )
     report.warnings.extend(prep.loaded.normalised)
     if speed is not None and speed.get("warning"):
@@ -259,6 +275,43 @@ def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, i
     sites = [s for s in prep.sites if selection_reason(s, config, explicit) is None]
     report = (lambda done, total, label: progress(done, total or 0, label)) if progress is not None else None
     return collect_statistics(runnable, sites, source, cal, providers=resolve_providers(cal.provider), progress=report)
+
+
+def _runnable(prep: _Prepared) -> onnx.ModelProto:
+    loaded = prep.loaded
+    return loaded.model if loaded.ir_version >= 4 else model_io.restore_conventions(_copy(loaded.model), loaded.ir_version)
+
+
+def _finetune_preflight(prep: _Prepared, config: CompressConfig, calibration):
+    """Before the long part: torch present, data given, the model runnable by the converter. A model
+    it cannot run gets the layer-wise reconstruction instead (``(config, fallback report)``)."""
+    from onnxfactor.calibration import CalibrationData
+    from onnxfactor.errors import UsageError
+    from onnxfactor.finetune.distill import import_torch
+    from onnxfactor.finetune.graph import supported
+
+    import_torch()
+    if calibration is None or isinstance(calibration, CalibrationData):
+        raise UsageError("fine-tuning needs its data: give --calibration DATA (inputs, not precomputed statistics)")
+    reason = supported(_runnable(prep))
+    if reason is None:
+        return config, None
+    steps = config.calibration.reconstruct_steps or 300
+    config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, reconstruct_steps=steps))
+    return config, {"fallback": f"{reason}: layer-wise reconstruction ({steps} steps per chain) instead of fine-tuning"}
+
+
+def _finetune(teacher: onnx.ModelProto, out: onnx.ModelProto, calibration, images, config: CompressConfig, finetune, progress) -> dict:
+    """Distil ``teacher`` (the original) into ``out`` (in place); a late conversion failure is reported, not raised."""
+    from onnxfactor.finetune.graph import ConversionError
+    from onnxfactor.finetune.stage import finetune_model
+
+    report = (lambda d, n, text: progress(d, n, text)) if progress is not None else None
+    try:
+        return finetune_model(out, teacher, calibration, finetune, images=images, samples=config.calibration.samples,
+                              progress=report)
+    except ConversionError as e:
+        return {"skipped": f"fine-tuning skipped: {e}"}
 
 
 def _reconstructor(config: CompressConfig):
@@ -556,6 +609,7 @@ def compress_file(
     images=None,
     allow_overlap: bool = False,
     external_data: bool = False,
+    finetune=None,
 ) -> CompressReport:
     """Compress a model file and write the result atomically, only after it passes every check.
 
@@ -582,7 +636,8 @@ def compress_file(
         check_data_exists(validation.data, role="validation")
         if calibration is not None and validation.data is not None and not allow_overlap:
             _check_disjoint(input_path, calibration, images, config, validation)
-    result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress, calibration=calibration, images=images)
+    result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress, calibration=calibration, images=images,
+                      finetune=finetune)
     report, external_data = result.report, result.external_data or external_data
     run_error = result.run_error
     if not report.decomposed:  # the input itself, not a re-export of its normalised copy
@@ -644,11 +699,15 @@ def _accuracy_warning(vr, validation: ValidationOptions, calibrated: bool, confi
 
 
 def _check_disjoint(input_path: Path, calibration, images, config: CompressConfig | None, validation: ValidationOptions) -> None:
+    model = model_io.load_model(input_path).model
+    _check_disjoint_sources(model, calibration, images, (config or CompressConfig()).calibration.samples, validation)
+
+
+def _check_disjoint_sources(model: onnx.ModelProto, calibration, images, samples, validation: ValidationOptions) -> None:
+    """Refuse calibration (or fine-tuning) data that shares a file or a sample with the validation data."""
     from onnxfactor.data import check_disjoint, open_source
 
-    model = model_io.load_model(input_path).model
-    cal = (config or CompressConfig()).calibration
-    fit = open_source(calibration, model, images=images, max_samples=cal.samples, role="calibration")
+    fit = open_source(calibration, model, images=images, max_samples=samples, role="calibration")
     held = open_source(validation.data, model, images=validation.images, max_samples=validation.max_samples, role="validation")
     check_disjoint(fit, held)
 

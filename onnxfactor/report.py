@@ -108,6 +108,7 @@ class CompressReport:
     validation: dict | None = None
     speed: dict | None = None           # latency-aware selection: end-to-end rounds, budget
     calibration: dict | None = None     # calibration data, statistics, correction (onnxfactor.calibration)
+    finetune: dict | None = None        # fine-tuning: steps, losses, time and memory per epoch (onnxfactor.finetune)
     #: the validation found the outputs far from the original's (thresholds in onnxfactor.validation.compare)
     accuracy_warning: str | None = None
     input_path: str | None = None

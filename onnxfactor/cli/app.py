@@ -24,6 +24,7 @@ app = typer.Typer(
 app.command("compress")(commands.compress)
 app.command("analyze")(commands.analyze)
 app.command("validate")(commands.validate)
+app.command("finetune")(commands.finetune)
 app.command("plot")(commands.plot)
 
 

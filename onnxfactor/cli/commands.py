@@ -55,6 +55,15 @@ def compress(
     correct: opt.Correct = True,
     reconstruct: opt.Reconstruct = 0,
     calibration_memory: opt.CalibrationMemory = 1024.0,
+    finetune: opt.Finetune = False,
+    epochs: opt.Epochs = 1.0,
+    steps: opt.Steps = None,
+    lr: opt.Lr = 1e-3,
+    batch_size: opt.BatchSize = 64,
+    device: opt.Device = None,
+    train: opt.Train = opt.TrainName.factors,
+    labels: opt.Labels = False,
+    deterministic: opt.Deterministic = False,
     data: opt.Data = None,
     allow_overlap: opt.AllowOverlap = False,
     image_size: opt.ImageSize = None,
@@ -113,8 +122,68 @@ def compress(
             input_model, output_model, config=config, input_shapes=_shapes(input_shape),
             validation=validation, report_path=report, progress=progress,
             calibration=calibration, images=images, allow_overlap=allow_overlap, external_data=external_data,
+            finetune=_finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic) if finetune else None,
         )
     render.compress_report(result)
+
+
+def _finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic):
+    from onnxfactor.config import FinetuneConfig
+
+    return FinetuneConfig(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, device=getattr(device, "value", device),
+                          train=getattr(train, "value", train), label_weight=1.0 if labels else 0.0, seed=seed,
+                          deterministic=deterministic, threads=1)
+
+
+def finetune(
+    compressed_model: opt.InputModel,
+    output_model: Path = typer.Argument(..., help="Where to write the fine-tuned model (atomically, after checks).", show_default=False),
+    teacher: Path = typer.Option(..., "--teacher", help="The original model the compressed one was made from.", show_default=False),
+    calibration: opt.Calibration = None,
+    calibration_samples: opt.CalibrationSamples = None,
+    epochs: opt.Epochs = 1.0,
+    steps: opt.Steps = None,
+    lr: opt.Lr = 1e-3,
+    batch_size: opt.BatchSize = 64,
+    device: opt.Device = None,
+    train: opt.Train = opt.TrainName.factors,
+    labels: opt.Labels = False,
+    deterministic: opt.Deterministic = False,
+    seed: opt.Seed = 0,
+    data: opt.Data = None,
+    allow_overlap: opt.AllowOverlap = False,
+    image_size: opt.ImageSize = None,
+    resize: opt.Resize = opt.ResizeMode.stretch,
+    scale: opt.Scale = 1 / 255,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    channel_order: opt.ChannelOrder = opt.ChannelOrderName.rgb,
+    layout: opt.Layout = None,
+    provider: opt.Provider = None,
+    threads: opt.Threads = None,
+    latency_runs: opt.LatencyRuns = 50,
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the ONNX Runtime comparison with the teacher."),
+    report: opt.ReportPath = None,
+) -> None:
+    """Fine-tune a compressed model by label-free distillation from its original (--teacher) on --calibration data."""
+    from onnxfactor.errors import UsageError
+    from onnxfactor.finetune.stage import finetune_file
+    from onnxfactor.pipeline import ValidationOptions
+
+    if calibration is None:
+        raise UsageError("fine-tuning needs data: give --calibration DATA (an .npz, an image folder or script.py[:function])")
+    images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
+    validation = None if no_validate else ValidationOptions(data=data, images=images, seed=seed, provider=provider, threads=threads,
+                                                            latency_runs=latency_runs)
+    config = _finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic)
+    render = Renderer()
+    with render.progress("fine-tuning") as progress:
+        result = finetune_file(compressed_model, output_model, teacher, calibration, config=config, images=images,
+                               samples=calibration_samples, validation=validation, report_path=report, progress=progress,
+                               allow_overlap=allow_overlap)
+    render.finetune(result["finetune"])
+    render.validation(result.get("validation"))
+    render.console.print(f"wrote {result['output_path']}")
 
 
 def _calibration_config(samples, fit, correct, reconstruct, memory, provider):

@@ -48,6 +48,16 @@ class FitName(str, Enum):
     weights = "weights"
 
 
+class TrainName(str, Enum):
+    factors = "factors"
+    all = "all"
+
+
+class DeviceName(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class LayoutName(str, Enum):
     nchw = "nchw"
     nhwc = "nhwc"
@@ -166,6 +176,19 @@ CalibrationMemory = Annotated[
     float,
     typer.Option("--calibration-memory", metavar="MB", help="Memory budget of the calibration statistics (see README).", min=16.0),
 ]
+Finetune = Annotated[
+    bool, typer.Option("--finetune", help="After compressing, distil the original into the compressed model on the --calibration "
+                       "data (no labels needed; PyTorch, [finetune] extra).")]
+Epochs = Annotated[float, typer.Option("--epochs", help="Fine-tuning: passes over the data.", min=0.0)]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Fine-tuning: optimiser steps (instead of --epochs).", min=1, show_default=False)]
+Lr = Annotated[float, typer.Option("--lr", help="Fine-tuning: Adam's learning rate (cosine decay to 0).", min=0.0)]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Fine-tuning: samples per step.", min=1)]
+Device = Annotated[
+    Optional[DeviceName], typer.Option("--device", help="Fine-tuning device (default: cuda if torch sees it, else cpu).", show_default=False)]
+Train = Annotated[
+    TrainName, typer.Option("--train", help="Fine-tuning: factors (the decomposed chains' weights and biases) or all float weights.")]
+Labels = Annotated[bool, typer.Option("--labels", help="Fine-tuning: add cross-entropy on the data's labels, when it has them.")]
+Deterministic = Annotated[bool, typer.Option("--deterministic", help="Fine-tuning: ask torch for deterministic algorithms.")]
 AllowOverlap = Annotated[
     bool,
     typer.Option("--allow-overlap", help="Allow --calibration and --data to share files or samples (accuracy on them is optimistic)."),

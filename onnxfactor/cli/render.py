@@ -156,11 +156,27 @@ class Renderer:
             line += f"; correction of {corr['layers']} layers in {corr['stages']} passes on {corr['samples']} samples, {corr.get('seconds', 0):.1f} s"
         self.console.print(line)
 
+    def finetune(self, finetune: dict | None) -> None:
+        """One line on the fine-tuning (or why it fell back)."""
+        if not finetune:
+            return
+        if "steps" not in finetune:
+            self.console.print(f"[yellow]fine-tuning:[/] {escape(finetune.get('fallback') or finetune.get('skipped', ''))}")
+            return
+        epochs = finetune.get("per_epoch") or []
+        per = f", {epochs[0]['seconds']:.1f} s/epoch" if epochs else ""
+        self.console.print(
+            f"fine-tuned {finetune['trained_initializers']} tensors ({finetune['parameters']} parameters, {finetune['train']}) on "
+            f"{escape(finetune['data'])}: {finetune['steps']} steps ({finetune['epochs']:.2f} epochs) on {finetune['device']}, "
+            f"loss {finetune['loss_first']:.4g} -> {finetune['loss_last']:.4g}, {finetune['seconds']:.1f} s{per}, "
+            f"peak RSS {finetune['peak_rss_mb']:.0f} MB")
+
     def compress_report(self, report) -> None:
         if not self.quiet:
             self.console.print(self.layer_table(report, "Layers"))
             self._skipped(report)
             self.calibration(report.calibration)
+            self.finetune(report.finetune)
             self.speed(report.speed)
             self.validation(report.validation)
             for w in report.warnings:

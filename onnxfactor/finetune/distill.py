@@ -1,0 +1,192 @@
+"""Label-free distillation: the compressed model learns the original's outputs on unlabelled inputs.
+
+The teacher is the original model in ONNX Runtime (no gradients); the student is the compressed
+model run by :mod:`onnxfactor.finetune.graph`. Per step, on a batch of the fine-tuning data:
+
+    loss = sum over outputs   KL(softmax(t / T) || softmax(s / T)) T^2   (classifier-like: N x C)
+                              or mean (s - t)^2 / mean t^2               (any other output)
+         + feature_weight * mean over decomposed layers  mean (s_l - t_l)^2 / mean t_l^2
+         + label_weight   * cross-entropy(s, labels)                     (when the data has labels)
+
+where ``s_l`` / ``t_l`` are a decomposed layer's output tensor in the student and the teacher:
+the rewrite keeps the replaced Conv's output name, so the teacher's tensor of the same name is the
+target. Adam, learning rate decayed to 0 on a cosine over the steps (Kim et al. 2016 and MUSCO
+fine-tune like this after decomposing; Hinton et al. 2015 for the temperature). Only the
+parameters in ``trainable`` move; batch-norm statistics never do.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxfactor.config import FinetuneConfig
+from onnxfactor.errors import UsageError
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise UsageError(f"fine-tuning (--finetune) needs PyTorch ({e}): pip install 'onnxfactor[finetune]'") from None
+    return torch
+
+
+def resolve_device(torch, device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device (install a CUDA build of torch, or use --device cpu)")
+    return device
+
+
+def _classifier_like(array: np.ndarray) -> bool:
+    return array.ndim >= 2 and array.dtype.kind == "f" and array.shape[1] >= 2 and all(d == 1 for d in array.shape[2:])
+
+
+@dataclass
+class FinetuneResult:
+    """What the distillation did: losses, time and memory per epoch (for the report)."""
+
+    steps: int
+    epochs: float
+    device: str
+    trainable: int
+    parameters: int
+    reproduction_error: float
+    loss_first: float | None = None
+    loss_last: float | None = None
+    per_epoch: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _rows(feeds: dict, per_sample: frozenset) -> int:
+    for k in per_sample:
+        return int(np.shape(feeds[k])[0])
+    return 1
+
+
+def _split(batch, size: int):
+    """Split a data batch into runs of at most ``size`` samples (feeds, labels)."""
+    rows = batch.size
+    for a in range(0, rows, size):
+        b = min(a + size, rows)
+        feeds = {k: (v[a:b] if k in batch.per_sample else v) for k, v in batch.feeds.items()}
+        labels = None if batch.labels is None else batch.labels[a:b]
+        yield feeds, labels
+
+
+def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, source, trainable: set[str], features: list[str],
+            config: FinetuneConfig, *, progress=None) -> tuple[dict[str, np.ndarray], FinetuneResult]:
+    """Train ``student``'s ``trainable`` initializers to match ``teacher`` on ``source`` (a FeedSource).
+
+    Returns the trained values (initializer name -> array, for :func:`onnxfactor.finetune.writeback.write_back`)
+    and a :class:`FinetuneResult`. Raises :class:`onnxfactor.finetune.graph.ConversionError` when the
+    student cannot be run by the converter or does not reproduce ONNX Runtime. ``progress(step,
+    total, text)`` after each step.
+    """
+    torch = import_torch()
+    from onnxfactor.calibration.probe import Probe
+    from onnxfactor.finetune.graph import check_against_ort, convert
+
+    if config.train not in ("factors", "all"):
+        raise UsageError(f"--train must be factors or all, got {config.train!r}")
+    if not (config.epochs > 0 or config.steps):
+        raise UsageError("fine-tuning needs --epochs > 0 or --steps >= 1")
+    device = resolve_device(torch, config.device)
+    torch.manual_seed(config.seed)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    start = time.perf_counter()
+    module = convert(student, trainable, device)
+    first = next(iter(source.batches()), None)
+    if first is None:
+        raise UsageError("the fine-tuning data holds no samples (--calibration)")
+    reproduction = check_against_ort(module, student, [next(_split(first, config.batch_size))[0]])  # <= 1e-4 or raise
+    outputs = [o.name for o in teacher.graph.output]
+    features = [f for f in features if f not in outputs]
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    reference = Probe(teacher, outputs + features, providers)  # the teacher: ONNX Runtime, no gradients
+    produced = {o for node in teacher.graph.node for o in node.output}
+    strangers = [f for f in features if f not in produced]
+    if strangers:
+        raise UsageError(f"the teacher computes no tensor {strangers[0]!r} of the compressed model: give the original of this "
+                         f"compressed model with --teacher")
+    first_feeds = next(_split(first, config.batch_size))[0]
+    expected = reference.run(first_feeds)
+    with torch.no_grad():
+        got = module(first_feeds, extra=features)
+    for name in outputs + features:
+        if tuple(np.shape(expected[name])) != tuple(got[name].shape):
+            raise UsageError(f"tensor {name!r} has shape {tuple(got[name].shape)} in the compressed model but "
+                             f"{tuple(np.shape(expected[name]))} in the teacher: give the original of this compressed model with --teacher")
+    params = list(module.parameters())
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    batches_per_epoch = sum(math.ceil(b.size / config.batch_size) for b in source.batches())
+    total = config.steps if config.steps else max(1, int(round(config.epochs * batches_per_epoch)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+    T = config.temperature
+    result = FinetuneResult(steps=total, epochs=total / batches_per_epoch, device=device, trainable=len(params),
+                            parameters=int(sum(p.numel() for p in params)), reproduction_error=reproduction)
+    step, epoch = 0, 0
+    while step < total:
+        epoch_start, losses = time.perf_counter(), []
+        for batch in source.batches():
+            for feeds, labels in _split(batch, config.batch_size):
+                if step >= total:
+                    break
+                targets = reference.run(feeds)
+                got = module(feeds, extra=features)
+                loss = 0.0
+                for name in outputs:
+                    t = torch.from_numpy(np.asarray(targets[name], dtype=np.float32)).to(device)
+                    s = got[name].float()
+                    if _classifier_like(np.asarray(targets[name])):
+                        s2, t2 = s.reshape(s.shape[0], s.shape[1]), t.reshape(t.shape[0], t.shape[1])
+                        loss = loss + torch.nn.functional.kl_div(torch.log_softmax(s2 / T, 1), torch.softmax(t2 / T, 1),
+                                                                 reduction="batchmean") * T * T
+                        if labels is not None and config.label_weight > 0:
+                            y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+                            loss = loss + config.label_weight * torch.nn.functional.cross_entropy(s2, y)
+                    else:
+                        loss = loss + ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+                if features and config.feature_weight > 0:
+                    terms = []
+                    for name in features:
+                        t = torch.from_numpy(np.asarray(targets[name], dtype=np.float32)).to(device)
+                        terms.append(((got[name] - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12))
+                    loss = loss + config.feature_weight * torch.stack(terms).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                value = float(loss.detach())
+                losses.append(value)
+                if result.loss_first is None:
+                    result.loss_first = value
+                step += 1
+                if progress is not None:
+                    progress(step, total, f"fine-tuning loss {value:.4g}")
+            if step >= total:
+                break
+        epoch += 1
+        result.per_epoch.append({"epoch": epoch, "steps": len(losses), "mean_loss": float(np.mean(losses)) if losses else None,
+                                 "seconds": round(time.perf_counter() - epoch_start, 2),
+                                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+        result.loss_last = losses[-1] if losses else result.loss_last
+    result.seconds = round(time.perf_counter() - start, 2)
+    result.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return module.trained(), result
