@@ -109,6 +109,9 @@ class FinetuneConfig:
         torch's seed; ``deterministic`` asks torch for deterministic algorithms.
     threads:
         torch intra-op threads (None: torch's default).
+    stage_size:
+        Iterative compress + fine-tune (:mod:`onnxfactor.finetune.iterative`): decompose this many
+        Convs per stage, fine-tune, re-estimate the next stage's ranks; None: one shot.
     """
 
     epochs: float = 1.0
@@ -123,6 +126,7 @@ class FinetuneConfig:
     seed: int = 0
     deterministic: bool = False
     threads: int | None = None
+    stage_size: int | None = None
 
 
 @dataclass(frozen=True)

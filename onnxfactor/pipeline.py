@@ -61,7 +61,7 @@ def _prepare(source, input_shapes: dict | None) -> _Prepared:
 
     loaded = model_io.load_model(source)
     resolved = resolve_input_shapes(loaded.model, input_shapes or {})
-    runnable = loaded.model if loaded.ir_version >= 4 else model_io.restore_conventions(_copy(loaded.model), loaded.ir_version)
+    runnable = _runnable(loaded)
     run_error = None
     try:
         resolved, notes = fit_dynamic_dims(runnable, resolved, input_shapes)
@@ -142,6 +142,7 @@ def compress(
     images=None,
     finetune=None,
     finetune_data=None,
+    held_out=None,
 ) -> CompressResult:
     """Decompose the Conv layers of ``model`` and return the rewritten model and a report.
 
@@ -157,6 +158,8 @@ def compress(
     ``finetune`` (a :class:`~onnxfactor.config.FinetuneConfig`) then distils the original into the
     compressed model on the same data, or on ``finetune_data`` (:mod:`onnxfactor.finetune`); a model
     the converter cannot run falls back to the layer-wise reconstruction, with the reason in the report.
+    ``finetune.stage_size`` makes it iterative (:mod:`onnxfactor.finetune.iterative`), each stage
+    measured on ``held_out`` (:class:`ValidationOptions` with data) when given.
     Nothing is written to disk; see :func:`compress_file`.
     """
     config = config or CompressConfig()
@@ -167,9 +170,17 @@ def compress(
     timings["load_and_analyse"] = time.perf_counter() - t0
     fallback = teacher = None
     if finetune is not None:
+        from onnxfactor.finetune import stage as finetune_stage
+
         finetune_data = calibration if finetune_data is None else finetune_data
-        config, fallback = _finetune_preflight(prep, config, finetune_data)
-        teacher = _copy(_runnable(prep))  # the final build rewrites prep's model in place
+        config, fallback = finetune_stage.preflight(_runnable(prep.loaded), config, finetune_data)
+        if fallback is None and finetune.stage_size:
+            from onnxfactor.finetune.iterative import compress_iterative
+
+            return compress_iterative(model, config=config, finetune=finetune, stage_size=finetune.stage_size, calibration=calibration,
+                                      finetune_data=finetune_data, images=images, input_shapes=input_shapes, held_out=held_out,
+                                      progress=progress, timer=timer)
+        teacher = _copy(_runnable(prep.loaded))  # the final build rewrites prep's model in place
     reconstruct = _reconstructor(config) if calibration is not None else None  # a missing torch fails fast
     calib = _calibrate(prep, config, explicit, calibration, images, progress)
     if calib is not None:
@@ -207,7 +218,8 @@ def compress(
     tuned = None
     if finetune is not None:
         t = time.perf_counter()
-        tuned = fallback or _finetune(teacher, out, finetune_data, images, config, finetune, progress)
+        tuned = fallback or finetune_stage.finetune_or_skip(teacher, out, finetune_data, finetune, images=images,
+                                                            samples=config.calibration.samples, progress=progress)
         timings["finetune"] = time.perf_counter() - t
 
     report = CompressReport(
@@ -271,47 +283,15 @@ def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, i
         raise UsageError(f"unknown fit {cal.fit!r}; choose one of {', '.join(FIT_CHOICES)} (--fit)")
     source = open_source(calibration, prep.loaded.model, images=images, max_samples=cal.samples,
                          batch_size=cal.batch_size, role="calibration")
-    runnable = prep.loaded.model if prep.loaded.ir_version >= 4 else model_io.restore_conventions(_copy(prep.loaded.model), prep.loaded.ir_version)
+    runnable = _runnable(prep.loaded)
     sites = [s for s in prep.sites if selection_reason(s, config, explicit) is None]
     report = (lambda done, total, label: progress(done, total or 0, label)) if progress is not None else None
     return collect_statistics(runnable, sites, source, cal, providers=resolve_providers(cal.provider), progress=report)
 
 
-def _runnable(prep: _Prepared) -> onnx.ModelProto:
-    loaded = prep.loaded
+def _runnable(loaded: model_io.LoadedModel) -> onnx.ModelProto:
+    """The normalised model as ONNX Runtime runs it (IR < 4: initializers listed as inputs again)."""
     return loaded.model if loaded.ir_version >= 4 else model_io.restore_conventions(_copy(loaded.model), loaded.ir_version)
-
-
-def _finetune_preflight(prep: _Prepared, config: CompressConfig, calibration):
-    """Before the long part: torch present, data given, the model runnable by the converter. A model
-    it cannot run gets the layer-wise reconstruction instead (``(config, fallback report)``)."""
-    from onnxfactor.calibration import CalibrationData
-    from onnxfactor.errors import UsageError
-    from onnxfactor.finetune.distill import import_torch
-    from onnxfactor.finetune.graph import supported
-
-    import_torch()
-    if calibration is None or isinstance(calibration, CalibrationData):
-        raise UsageError("fine-tuning needs its data: give --calibration DATA (inputs, not precomputed statistics)")
-    reason = supported(_runnable(prep))
-    if reason is None:
-        return config, None
-    steps = config.calibration.reconstruct_steps or 300
-    config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, reconstruct_steps=steps))
-    return config, {"fallback": f"{reason}: layer-wise reconstruction ({steps} steps per chain) instead of fine-tuning"}
-
-
-def _finetune(teacher: onnx.ModelProto, out: onnx.ModelProto, calibration, images, config: CompressConfig, finetune, progress) -> dict:
-    """Distil ``teacher`` (the original) into ``out`` (in place); a late conversion failure is reported, not raised."""
-    from onnxfactor.finetune.graph import ConversionError
-    from onnxfactor.finetune.stage import finetune_model
-
-    report = (lambda d, n, text: progress(d, n, text)) if progress is not None else None
-    try:
-        return finetune_model(out, teacher, calibration, finetune, images=images, samples=config.calibration.samples,
-                              progress=report)
-    except ConversionError as e:
-        return {"skipped": f"fine-tuning skipped: {e}"}
 
 
 def _reconstructor(config: CompressConfig):
@@ -330,7 +310,7 @@ def _correct(prep: _Prepared, candidates: list[Candidate], calib, config: Compre
     def build():
         return _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters)
 
-    original = prep.loaded.model if prep.loaded.ir_version >= 4 else model_io.restore_conventions(_copy(prep.loaded.model), prep.loaded.ir_version)
+    original = _runnable(prep.loaded)
     return correct_chains(candidates, build, original, calib, config.calibration,
                           providers=resolve_providers(config.calibration.provider), reconstruct=reconstruct, progress=progress)
 
@@ -390,7 +370,7 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     opset = next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
     # the normalised input stays unchanged on this path (trial and final models are copies), so it
     # is timed as it is unless IR < 4 needs its initializers listed as inputs again
-    original = prep.loaded.model if prep.loaded.ir_version >= 4 else model_io.restore_conventions(_copy(prep.loaded.model), prep.loaded.ir_version)
+    original = _runnable(prep.loaded)
     _require_loadable(original, providers)
     feeds = make_inputs(original, shapes=prep.input_shapes, seed=0).batches[0]
     speed = {"providers": providers, "threads": latency.threads, "margin": latency.margin}
@@ -636,8 +616,9 @@ def compress_file(
         check_data_exists(validation.data, role="validation")
         if calibration is not None and validation.data is not None and not allow_overlap:
             _check_disjoint(input_path, calibration, images, config, validation)
+    held_out = validation if validation is not None and validation.data is not None else None
     result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress, calibration=calibration, images=images,
-                      finetune=finetune)
+                      finetune=finetune, held_out=held_out)
     report, external_data = result.report, result.external_data or external_data
     run_error = result.run_error
     if not report.decomposed:  # the input itself, not a re-export of its normalised copy

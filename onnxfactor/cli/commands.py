@@ -56,6 +56,8 @@ def compress(
     reconstruct: opt.Reconstruct = 0,
     calibration_memory: opt.CalibrationMemory = 1024.0,
     finetune: opt.Finetune = False,
+    iterative: opt.Iterative = False,
+    stage_size: opt.StageSize = 2,
     epochs: opt.Epochs = 1.0,
     steps: opt.Steps = None,
     lr: opt.Lr = 1e-3,
@@ -102,6 +104,8 @@ def compress(
     config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method)
     if target_speedup is not None and max_latency_ms is not None:
         raise UsageError("give one latency budget: --target-speedup or --max-latency-ms, not both")
+    if iterative and not finetune:
+        raise UsageError("--iterative fine-tunes between stages: add --finetune (and --calibration DATA)")
     if not measure and (target_speedup is not None or max_latency_ms is not None):
         raise UsageError("a latency budget (--target-speedup / --max-latency-ms) needs measurements: drop --no-measure")
     if measure:
@@ -122,17 +126,18 @@ def compress(
             input_model, output_model, config=config, input_shapes=_shapes(input_shape),
             validation=validation, report_path=report, progress=progress,
             calibration=calibration, images=images, allow_overlap=allow_overlap, external_data=external_data,
-            finetune=_finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic) if finetune else None,
+            finetune=_finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic,
+                                      stage_size=stage_size if iterative else None) if finetune else None,
         )
     render.compress_report(result)
 
 
-def _finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic):
+def _finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic, stage_size=None):
     from onnxfactor.config import FinetuneConfig
 
     return FinetuneConfig(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, device=getattr(device, "value", device),
                           train=getattr(train, "value", train), label_weight=1.0 if labels else 0.0, seed=seed,
-                          deterministic=deterministic, threads=1)
+                          deterministic=deterministic, threads=1, stage_size=stage_size)
 
 
 def finetune(

@@ -179,6 +179,10 @@ CalibrationMemory = Annotated[
 Finetune = Annotated[
     bool, typer.Option("--finetune", help="After compressing, distil the original into the compressed model on the --calibration "
                        "data (no labels needed; PyTorch, [finetune] extra).")]
+Iterative = Annotated[
+    bool, typer.Option("--iterative", help="With --finetune: decompose --stage-size Convs at a time, fine-tune, re-estimate the next "
+                       "stage's ranks on the updated weights and activations, repeat (--epochs / --steps per stage).")]
+StageSize = Annotated[int, typer.Option("--stage-size", help="Iterative mode: Convs per stage, in graph order.", min=1)]
 Epochs = Annotated[float, typer.Option("--epochs", help="Fine-tuning: passes over the data.", min=0.0)]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Fine-tuning: optimiser steps (instead of --epochs).", min=1, show_default=False)]
 Lr = Annotated[float, typer.Option("--lr", help="Fine-tuning: Adam's learning rate (cosine decay to 0).", min=0.0)]

@@ -160,6 +160,13 @@ class Renderer:
         """One line on the fine-tuning (or why it fell back)."""
         if not finetune:
             return
+        if finetune.get("iterative"):
+            from onnxfactor.finetune.iterative import _summary
+
+            for stage in finetune["stages"]:
+                self.console.print(f"stage {stage['stage']}/{len(finetune['stages'])} ({escape(', '.join(stage['nodes']))}): "
+                                   f"{escape(_summary(stage))}, {stage['seconds']:.1f} s")
+            return
         if "steps" not in finetune:
             self.console.print(f"[yellow]fine-tuning:[/] {escape(finetune.get('fallback') or finetune.get('skipped', ''))}")
             return

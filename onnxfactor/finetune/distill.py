@@ -87,6 +87,41 @@ def _split(batch, size: int):
         yield feeds, labels
 
 
+def _rebatched(source, size: int):
+    """``(feeds, labels)`` of ``size`` samples from the source's batches, whatever their sizes: small
+    batches (a loader yielding one image at a time) are joined, large ones split. Batches whose
+    per-sample arrays differ in shape (images of varying size) are never joined."""
+    pending: list = []
+
+    def shape_of(feeds, per_sample):
+        return tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()) if k in per_sample)
+
+    def joined(parts):
+        per_sample = parts[0][2]
+        feeds = {k: (np.concatenate([p[0][k] for p in parts]) if k in per_sample else v) for k, v in parts[0][0].items()}
+        labels = None if any(p[1] is None for p in parts) else np.concatenate([np.asarray(p[1]) for p in parts])
+        return feeds, labels, per_sample
+
+    def rows(part):
+        return next((len(v) for k, v in part[0].items() if k in part[2]), 1)
+
+    for batch in source.batches():
+        part = (batch.feeds, batch.labels, set(batch.per_sample))
+        if pending and shape_of(pending[0][0], pending[0][2]) != shape_of(part[0], part[2]):
+            yield joined(pending)[:2]
+            pending = []
+        pending.append(part)
+        while sum(rows(p) for p in pending) >= size:
+            feeds, labels, per_sample = joined(pending)
+            head = {k: (v[:size] if k in per_sample else v) for k, v in feeds.items()}
+            yield head, None if labels is None else labels[:size]
+            rest = {k: (v[size:] if k in per_sample else v) for k, v in feeds.items()}
+            left = rows((rest, None, per_sample))
+            pending = [(rest, None if labels is None else labels[size:], per_sample)] if left else []
+    if pending and sum(rows(p) for p in pending):
+        yield joined(pending)[:2]
+
+
 def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, source, trainable: set[str], features: list[str],
             config: FinetuneConfig, *, progress=None) -> tuple[dict[str, np.ndarray], FinetuneResult]:
     """Train ``student``'s ``trainable`` initializers to match ``teacher`` on ``source`` (a FeedSource).
@@ -135,7 +170,7 @@ def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, source, trainabl
                              f"{tuple(np.shape(expected[name]))} in the teacher: give the original of this compressed model with --teacher")
     params = list(module.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    batches_per_epoch = sum(math.ceil(b.size / config.batch_size) for b in source.batches())
+    batches_per_epoch = sum(1 for _ in _rebatched(source, config.batch_size))
     total = config.steps if config.steps else max(1, int(round(config.epochs * batches_per_epoch)))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
     T = config.temperature
@@ -144,44 +179,41 @@ def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, source, trainabl
     step, epoch = 0, 0
     while step < total:
         epoch_start, losses = time.perf_counter(), []
-        for batch in source.batches():
-            for feeds, labels in _split(batch, config.batch_size):
-                if step >= total:
-                    break
-                targets = reference.run(feeds)
-                got = module(feeds, extra=features)
-                loss = 0.0
-                for name in outputs:
-                    t = torch.from_numpy(np.asarray(targets[name], dtype=np.float32)).to(device)
-                    s = got[name].float()
-                    if _classifier_like(np.asarray(targets[name])):
-                        s2, t2 = s.reshape(s.shape[0], s.shape[1]), t.reshape(t.shape[0], t.shape[1])
-                        loss = loss + torch.nn.functional.kl_div(torch.log_softmax(s2 / T, 1), torch.softmax(t2 / T, 1),
-                                                                 reduction="batchmean") * T * T
-                        if labels is not None and config.label_weight > 0:
-                            y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
-                            loss = loss + config.label_weight * torch.nn.functional.cross_entropy(s2, y)
-                    else:
-                        loss = loss + ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
-                if features and config.feature_weight > 0:
-                    terms = []
-                    for name in features:
-                        t = torch.from_numpy(np.asarray(targets[name], dtype=np.float32)).to(device)
-                        terms.append(((got[name] - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12))
-                    loss = loss + config.feature_weight * torch.stack(terms).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                value = float(loss.detach())
-                losses.append(value)
-                if result.loss_first is None:
-                    result.loss_first = value
-                step += 1
-                if progress is not None:
-                    progress(step, total, f"fine-tuning loss {value:.4g}")
+        for feeds, labels in _rebatched(source, config.batch_size):
             if step >= total:
                 break
+            targets = reference.run(feeds)
+            got = module(feeds, extra=features)
+            loss = 0.0
+            for name in outputs:
+                t = torch.from_numpy(np.asarray(targets[name], dtype=np.float32)).to(device)
+                s = got[name].float()
+                if _classifier_like(np.asarray(targets[name])):
+                    s2, t2 = s.reshape(s.shape[0], s.shape[1]), t.reshape(t.shape[0], t.shape[1])
+                    loss = loss + torch.nn.functional.kl_div(torch.log_softmax(s2 / T, 1), torch.softmax(t2 / T, 1),
+                                                             reduction="batchmean") * T * T
+                    if labels is not None and config.label_weight > 0:
+                        y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+                        loss = loss + config.label_weight * torch.nn.functional.cross_entropy(s2, y)
+                else:
+                    loss = loss + ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+            if features and config.feature_weight > 0:
+                terms = []
+                for name in features:
+                    t = torch.from_numpy(np.asarray(targets[name], dtype=np.float32)).to(device)
+                    terms.append(((got[name] - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12))
+                loss = loss + config.feature_weight * torch.stack(terms).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            value = float(loss.detach())
+            losses.append(value)
+            if result.loss_first is None:
+                result.loss_first = value
+            step += 1
+            if progress is not None:
+                progress(step, total, f"fine-tuning loss {value:.4g}")
         epoch += 1
         result.per_epoch.append({"epoch": epoch, "steps": len(losses), "mean_loss": float(np.mean(losses)) if losses else None,
                                  "seconds": round(time.perf_counter() - epoch_start, 2),

@@ -13,9 +13,11 @@ import re
 import time
 from pathlib import Path
 
+import dataclasses
+
 import onnx
 
-from onnxfactor.config import FinetuneConfig
+from onnxfactor.config import CompressConfig, FinetuneConfig
 from onnxfactor.errors import UsageError
 
 #: node names the rewrite gives a chain's convs
@@ -52,18 +54,20 @@ def check_same_interface(student: onnx.ModelProto, teacher: onnx.ModelProto) -> 
 
 
 def finetune_model(compressed: onnx.ModelProto, teacher: onnx.ModelProto, data, config: FinetuneConfig, *,
-                   images=None, samples: int | None = None, progress=None) -> dict:
+                   images=None, samples: int | None = None, progress=None, extra_trainable: set[str] = frozenset()) -> dict:
     """Distil ``teacher`` into ``compressed`` on ``data`` and write the trained values into ``compressed``.
 
     ``data`` is anything :func:`onnxfactor.data.open_source` takes. Returns the report's
     ``finetune`` section. Raises :class:`onnxfactor.finetune.graph.ConversionError` when the
-    converter cannot run or reproduce ``compressed``.
+    converter cannot run or reproduce ``compressed``. ``extra_trainable``: initializers trained
+    besides ``config.train``'s (the iterative mode's Convs waiting for their stage).
     """
     from onnxfactor.data import open_source
     from onnxfactor.finetune.distill import distill
     from onnxfactor.finetune.writeback import write_back
 
     trainable, features = chain_tensors(compressed, config.train)
+    trainable |= set(extra_trainable)
     if not trainable:
         raise UsageError("the model has no decomposed chain to fine-tune (no <node>/<method>_<role> convs); use --train all")
     source = open_source(data, teacher, images=images, max_samples=samples, batch_size=config.batch_size, role="calibration")
@@ -71,6 +75,35 @@ def finetune_model(compressed: onnx.ModelProto, teacher: onnx.ModelProto, data, 
     written = write_back(compressed, values)
     return {**result.to_dict(), "train": config.train, "trained_initializers": len(written), "features": len(features),
             "data": source.describe}
+
+
+def preflight(model: onnx.ModelProto, config: CompressConfig, data):
+    """Before the long part of ``compress --finetune``: torch present, data given, ``model`` runnable
+    by the converter. A model it cannot run gets the layer-wise reconstruction instead; returns
+    ``(config, None)`` or ``(config with reconstruction steps, the report's fallback section)``."""
+    from onnxfactor.calibration import CalibrationData
+    from onnxfactor.finetune.distill import import_torch
+    from onnxfactor.finetune.graph import supported
+
+    import_torch()
+    if data is None or isinstance(data, CalibrationData):
+        raise UsageError("fine-tuning needs its data: give --calibration DATA (inputs, not precomputed statistics)")
+    reason = supported(model)
+    if reason is None:
+        return config, None
+    steps = config.calibration.reconstruct_steps or 300
+    config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, reconstruct_steps=steps))
+    return config, {"fallback": f"{reason}: layer-wise reconstruction ({steps} steps per chain) instead of fine-tuning"}
+
+
+def finetune_or_skip(teacher: onnx.ModelProto, out: onnx.ModelProto, data, config: FinetuneConfig, **kwargs) -> dict:
+    """:func:`finetune_model` (``out`` in place); a late conversion failure is reported, not raised."""
+    from onnxfactor.finetune.graph import ConversionError
+
+    try:
+        return finetune_model(out, teacher, data, config, **kwargs)
+    except ConversionError as e:
+        return {"skipped": f"fine-tuning skipped: {e}"}
 
 
 def finetune_file(compressed_path, output_path, teacher_path, data, *, config: FinetuneConfig, images=None, samples=None,

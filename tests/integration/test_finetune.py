@@ -164,3 +164,37 @@ def test_cli_finetune_command(tmp_path):
                           "--data", "test.npz", cwd=tmp_path), 2, "--allow-overlap")
     assert_user_error(cli("finetune", "c.onnx", "x.onnx", "--teacher", MODELS / "fashion_cnn.onnx", cwd=tmp_path), 2, "--calibration")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_iterative_mode_re_estimates_the_next_stages_ranks_on_updated_weights(tmp_path):
+    """VBMF ranks depend on the weights alone: stage 2's differ from one shot only because the
+    Convs waiting for their stage were trained during stage 1."""
+    from onnxfactor.pipeline import ValidationOptions, compress_file
+
+    config = CompressConfig(exclude=("/0/Conv",), calibration=CalibrationConfig(samples=256))
+    one_shot = {l.name: l.ranks for l in compress(MODELS / "fashion_cnn.onnx", config=config, calibration=CALIB).report.layers}
+    seen = []
+    report = compress_file(MODELS / "fashion_cnn.onnx", tmp_path / "it.onnx", config=config, calibration=CALIB,
+                           validation=ValidationOptions(data=TEST, max_samples=300, latency_runs=0),
+                           finetune=FinetuneConfig(steps=20, threads=1, stage_size=2), report_path=tmp_path / "r.json",
+                           progress=lambda d, n, text: seen.append(text))
+    stages = report.finetune["stages"]
+    assert [s["nodes"] for s in stages] == [["/2/Conv", "/5/Conv"], ["/7/Conv", "/10/Conv"], ["/12/Conv"]]
+    assert stages[0]["ranks"] == {n: one_shot[n] for n in stages[0]["nodes"]}  # stage 1: the original weights
+    later = {n: r for s in stages[1:] for n, r in s["ranks"].items()}
+    assert sum(later[n] != one_shot[n] for n in later) >= 2  # measured: all 3 differ (e.g. /7/Conv 31x29 -> 32x32)
+    assert all(s["finetune"]["steps"] == 20 for s in stages)
+    ratios = [s["conv_macs_ratio_so_far"] for s in stages]
+    assert ratios == sorted(ratios) and ratios[-1] == pytest.approx(report.totals.conv_macs_ratio)
+    # measured 0.968 on these 300 held-out images after every stage
+    assert all(s["held_out"]["top1_agreement"] >= 0.93 for s in stages)
+    assert any("stage 2/3 done" in t and "held-out agreement" in t for t in seen)
+    assert report.validation["samples"] == 300 and len(report.decomposed) == 5
+    assert json.loads((tmp_path / "r.json").read_text())["finetune"]["stages"][2]["nodes"] == ["/12/Conv"]
+    onnx.checker.check_model(str(tmp_path / "it.onnx"), full_check=True)
+
+
+def test_cli_iterative_needs_finetune(tmp_path):
+    assert_user_error(cli("compress", MODELS / "fashion_cnn.onnx", "x.onnx", "--calibration", CALIB, "--iterative", cwd=tmp_path),
+                      2, "--finetune")
+    assert not (tmp_path / "x.onnx").exists()
