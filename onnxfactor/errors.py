@@ -15,6 +15,8 @@ Exit codes (also in the README):
 5     nothing to compress: the model has no Conv node that can be decomposed
 6     output error: output path equals the input, directory missing or not writable,
       or the rewritten model failed ``onnx.checker`` / ONNX Runtime loading
+7     search: no candidate meets the requirements (``onnxfactor search``; no model written
+      unless ``--write-best``)
 ====  =========================================================================
 """
 
@@ -55,6 +57,12 @@ class OutputError(OnnxFactorError):
     """The output cannot be written, or the rewritten model failed its checks."""
 
     exit_code = 6
+
+
+class ConstraintsNotMet(OnnxFactorError):
+    """``onnxfactor search`` found no candidate meeting every requirement."""
+
+    exit_code = 7
 
 
 class InternalError(Exception):

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from onnxfactor.cli import commands
+from onnxfactor.cli import search as search_command
 
 app = typer.Typer(
     name="onnxfactor",
@@ -19,12 +20,13 @@ app = typer.Typer(
     add_completion=False,
     help="Compress the Conv layers of an ONNX model by tensor decomposition at VBMF-chosen ranks, keep only "
     "what ONNX Runtime measures faster, and prove it. Exit codes: 0 ok, 1 internal error, 2 usage, 3 validation "
-    "failed (--max-rel-error), 4 bad input model, 5 nothing to compress, 6 output error.",
+    "failed (--max-rel-error), 4 bad input model, 5 nothing to compress, 6 output error, 7 no search candidate meets the requirements.",
 )
 app.command("compress")(commands.compress)
 app.command("analyze")(commands.analyze)
 app.command("validate")(commands.validate)
 app.command("finetune")(commands.finetune)
+app.command("search")(search_command.search)
 app.command("plot")(commands.plot)
 
 

@@ -1,0 +1,133 @@
+"""``onnxfactor search`` on the bundled model: allocation, grid, pool, Ray, cache, infeasible, plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxfactor.config import CalibrationConfig, CompressConfig
+from onnxfactor.pipeline import ValidationOptions
+from onnxfactor.search import Constraints, SearchConfig, search
+from onnxfactor.search.evaluate import Context, config_for
+from onnxfactor.search.executor import Executor
+from onnxfactor.search.space import grid_specs
+from tests.conftest import MODELS
+from tests.integration.test_cli import assert_user_error, cli
+
+MODEL = MODELS / "fashion_cnn.onnx"
+CALIB = MODELS / "fashion_mnist_calib.npz"
+BASE = CompressConfig(exclude=("/0/Conv",), calibration=CalibrationConfig(samples=256))
+DETERMINISTIC = ("accuracy", "accuracy_original", "agreement", "rel_error", "macs", "params", "weight_bytes", "layers")
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("search") / "held_out.npz"
+    data = np.load(MODELS / "fashion_mnist_test.npz")
+    np.savez(path, **{k: v[:300] for k, v in data.items()})
+    return ValidationOptions(data=path)
+
+
+def test_search_cli_meets_the_requirement_writes_report_plots_and_reuses_its_cache(tmp_path, held_out):
+    args = ["search", MODEL, "out.onnx", "--calibration", CALIB, "--calibration-samples", "256", "--data", held_out.data,
+            "--max-accuracy-drop", "1", "--exclude", "/0/Conv", "--fractions", "0.2,0.3,0.5", "--max-evaluations", "4",
+            "--jobs", "1", "--latency-runs", "3", "--cache", "cache", "--report", "r.json", "--plots", "plots"]
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    winner, out = report["winner"], report["output"]
+    assert winner is not None and winner["violations"] == []
+    assert 100 * (winner["accuracy_original"] - winner["accuracy"]) <= 1.0
+    assert 1 <= len(report["candidates"]) <= 4 and report["exact_front"]
+    assert {r["fraction"] for r in report["sensitivity"]} == {0.2, 0.3, 0.5}
+    # the written model is the winner, built again: same ranks, same held-out accuracy
+    assert out["validation"]["accuracy_compressed"] == pytest.approx(winner["accuracy"])
+    assert out["conv_macs_ratio"] > 1.3 and "chosen" in proc.stdout
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+    assert sorted(p.split("/")[-1] for p in report["plots"]) == ["accuracy_vs_rank.png", "chosen_ranks.png", "pareto.png", "sensitivity.png"]
+    assert all((tmp_path / "plots" / n).stat().st_size > 5000 for n in ("pareto.png", "sensitivity.png"))
+    # a rerun with a looser requirement evaluates nothing already measured
+    looser = list(args)
+    looser[looser.index("--max-accuracy-drop") + 1] = "3"
+    proc = cli(*looser, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "r.json").read_text())
+    measured = {c["key"] for c in report["candidates"]}
+    assert again["cache_hits"] >= 1 and all(c["cached"] == (c["key"] in measured) for c in again["candidates"])
+
+
+def test_figures_have_the_expected_axes(tmp_path, held_out):
+    from onnxfactor.search.plots import make_figures
+
+    result = search(MODEL, CALIB, held_out, base=BASE, config=SearchConfig(
+        constraints=Constraints(min_agreement=0.9), strategy="grid", fractions=(0.3, 0.5), weaken=(), grid_round_to=(1,),
+        jobs=1, latency_runs=2)).to_dict()
+    assert [c["spec"] for c in result["candidates"]] == grid_specs(("tucker2",), (0.3, 0.5), (), round_to=(1,))  # exactly the grid
+    figures = make_figures(json.loads(json.dumps(result, default=str)))
+    pareto = figures["pareto.png"].axes
+    assert [a.get_xlabel() for a in pareto] == ["conv MAC compression (x)", "measured speedup (x)"]
+    assert all(a.get_ylabel() == "held-out top-1 accuracy (%)" for a in pareto)
+    assert "Pareto front" in [t.get_text() for t in pareto[0].get_legend().get_texts()]
+    assert figures["accuracy_vs_rank.png"].axes[0].get_xlabel() == "rank fraction (global ratio setting)"
+    line = figures["accuracy_vs_rank.png"].axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [0.3, 0.5]
+    ranks = figures["chosen_ranks.png"].axes[0]
+    assert ranks.get_ylabel() == "rank" and len(ranks.patches) >= 2
+
+
+def test_pool_and_ray_return_the_same_candidates(tmp_path, held_out):
+    import ray  # make test installs the [ray] extra: a missing Ray fails here, it is not skipped
+
+    from onnxfactor import calibrate
+
+    stats = calibrate(MODEL, CALIB, config=BASE)
+    import pickle
+
+    (tmp_path / "stats.pkl").write_bytes(pickle.dumps(stats))
+    ctx = Context(model=MODEL, base=BASE, held_out=held_out, stats_file=tmp_path / "stats.pkl", threads=1, latency_runs=1)
+    specs = grid_specs(("tucker2",), (0.25, 0.5), (), round_to=(1,))
+    serial = Executor(ctx, jobs=1).run(specs)
+    with Executor(ctx, jobs=2) as pool:
+        pooled = pool.run(specs)
+    try:
+        with Executor(ctx, jobs=2, ray_address="local") as remote:
+            rayed = remote.run(specs)
+    finally:
+        ray.shutdown()
+    assert len({r["worker"] for r in pooled}) == 2  # really two processes
+    for a, b, c in zip(serial, pooled, rayed):
+        assert a["spec"] == b["spec"] == c["spec"]
+        assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC} == {k: c[k] for k in DETERMINISTIC}
+    assert serial[0]["accuracy"] < serial[1]["accuracy"] + 0.02 and serial[0]["macs"] < serial[1]["macs"]
+
+
+def test_infeasible_requirements_exit_7_without_a_model(tmp_path, held_out):
+    common = ["--calibration", CALIB, "--calibration-samples", "128", "--data", held_out.data, "--exclude", "/0/Conv",
+              "--fractions", "0.5", "--jobs", "1", "--latency-runs", "1"]
+    proc = cli("search", MODEL, "out.onnx", *common, "--max-params", "1000", cwd=tmp_path)
+    assert_user_error(proc, 7, "--max-params")
+    proc = cli("search", MODEL, "out.onnx", *common, "--min-agreement", "1.0", "--max-evaluations", "2", "--report", "r.json", cwd=tmp_path)
+    assert_user_error(proc, 7, "top-1 agreement")
+    assert not (tmp_path / "out.onnx").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["winner"] is None
+    proc = cli("search", MODEL, "best.onnx", *common, "--min-agreement", "1.0", "--max-evaluations", "1", "--write-best", cwd=tmp_path)
+    assert proc.returncode == 7 and (tmp_path / "best.onnx").exists()
+    # usage errors: no requirement, no labels for --max-accuracy-drop, bad duration, bad method
+    np.savez(tmp_path / "nolabels.npz", input=np.load(held_out.data)["input"][:50])
+    assert_user_error(cli("search", MODEL, "o.onnx", *common, cwd=tmp_path), 2, "requirement")
+    assert_user_error(cli("search", MODEL, "o.onnx", *common[:4], "--data", "nolabels.npz", "--max-accuracy-drop", "1", cwd=tmp_path),
+                      2, "labels")
+    assert_user_error(cli("search", MODEL, "o.onnx", *common, "--min-agreement", "0.9", "--time-budget", "soon", cwd=tmp_path), 2, "duration")
+    assert_user_error(cli("search", MODEL, "o.onnx", *common, "--min-agreement", "0.9", "--methods", "svd2", cwd=tmp_path), 2, "svd2")
+    assert_user_error(cli("search", MODEL, "o.onnx", "--calibration", held_out.data, "--data", held_out.data, "--min-agreement", "0.9",
+                          cwd=tmp_path), 2, "--allow-overlap")
+
+
+def test_config_for_builds_rank_files_and_global_settings(tmp_path):
+    layers = config_for({"kind": "layers", "method": "tucker2", "ranks": {"/2/Conv": {"out": 8, "in": 8}, "/5/Conv": None}}, BASE, tmp_path)
+    assert layers.ranks.policy == "file" and json.loads(layers.ranks.rank_file.read_text()) == {"/2/Conv": {"out": 8, "in": 8}}
+    grid = config_for({"kind": "global", "method": "cp3", "policy": "weakened", "value": 0.3, "round_to": 8}, BASE, tmp_path)
+    assert (grid.method, grid.ranks.policy, grid.ranks.weaken, grid.ranks.round_to, grid.exclude) == ("cp3", "weakened", 0.3, 8, ("/0/Conv",))

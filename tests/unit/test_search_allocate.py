@@ -1,0 +1,101 @@
+"""The search's allocation and selection on synthetic sensitivity curves (no model, no ONNX Runtime)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxfactor.search.allocate import Option, best_under, brute_force, pareto_allocations
+from onnxfactor.search.constraints import Constraints, violations
+from onnxfactor.search.runner import SearchConfig, pick_winner, run_allocation
+
+
+def _curves(rng, layers: int, options: int, integer: bool = True) -> dict:
+    curves = {}
+    for i in range(layers):
+        full = float(rng.integers(50, 100))
+        opts = [Option(f"L{i}", None, 0.0, {"macs": full, "params": full / 2, "bytes": full * 2})]
+        for j in range(options):
+            cost = float(rng.integers(1, int(full))) if integer else float(rng.uniform(1, full))
+            opts.append(Option(f"L{i}", {"method": "tucker2", "ranks": {"out": j + 1}}, float(rng.uniform(0, 1)),
+                               {"macs": cost, "params": cost / 2, "bytes": cost * 2}))
+        curves[f"L{i}"] = opts
+    return curves
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_pareto_front_equals_brute_force_for_every_cap(seed):
+    rng = np.random.default_rng(seed)
+    curves = _curves(rng, layers=int(rng.integers(1, 5)), options=int(rng.integers(1, 5)))
+    front, exact = pareto_allocations(curves, key="macs")
+    assert exact
+    costs = [a.costs["macs"] for a in front]
+    assert costs == sorted(costs) and [a.loss for a in front] == sorted((a.loss for a in front), reverse=True)
+    total_full = sum(c[0].costs["macs"] for c in curves.values())
+    for cap in np.linspace(0, total_full, 23):
+        ours, reference = best_under(front, {"macs": cap}), brute_force(curves, {"macs": cap})
+        if reference is None:
+            assert ours is None
+        else:
+            assert ours.loss == pytest.approx(reference.loss, abs=1e-12) and ours.costs["macs"] <= cap
+
+
+def test_a_thinned_front_says_it_is_approximate():
+    curves = _curves(np.random.default_rng(0), layers=8, options=8, integer=False)
+    front, exact = pareto_allocations(curves, key="macs", max_front=50)
+    assert not exact and len(front) <= 50
+
+
+class FakeExecutor:
+    """Measures a layer spec from the synthetic curves: accuracy falls with the summed loss, latency with MACs."""
+
+    def __init__(self, curves, noise_seed: int):
+        self.index = {(n, repr(o.setting["ranks"])): o for n, opts in curves.items() for o in opts if o.setting}
+        self.full = {n: opts[0] for n, opts in curves.items()}
+        self.rng = np.random.default_rng(noise_seed)
+        self.calls = 0
+
+    def run(self, specs):
+        out = []
+        for spec in specs:
+            self.calls += 1
+            chosen = [self.index[(n, repr(r))] if r is not None else self.full[n] for n, r in spec["ranks"].items()]
+            loss = sum(o.loss for o in chosen)
+            macs = sum(o.costs["macs"] for o in chosen)
+            out.append({"spec": spec, "accuracy": 0.93 - 0.01 * loss + self.rng.normal(0, 0.002), "accuracy_original": 0.93,
+                        "agreement": 1 - 0.02 * loss, "rel_error": 0.1 * loss, "macs": macs, "macs_original": 1.0,
+                        "params": sum(o.costs["params"] for o in chosen), "weight_bytes": sum(o.costs["bytes"] for o in chosen),
+                        "latency_ms": 0.1 + macs / 100 * (1 + self.rng.normal(0, 0.05)), "speedup": None})
+        return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_returned_candidate_never_violates_a_constraint(seed):
+    rng = np.random.default_rng(seed)
+    curves = _curves(rng, layers=int(rng.integers(2, 6)), options=int(rng.integers(2, 6)))
+    full = sum(c[0].costs["macs"] for c in curves.values())
+    constraints = Constraints(max_accuracy_drop=float(rng.choice([0.5, 1.0, 2.0, 5.0])),
+                              max_macs=int(full * rng.uniform(0.3, 1.0)) if rng.random() < 0.5 else None,
+                              min_agreement=float(rng.uniform(0.8, 0.99)) if rng.random() < 0.5 else None,
+                              max_latency_ms=float(full / 100 * rng.uniform(0.3, 1.2)) if rng.random() < 0.5 else None)
+    config = SearchConfig(constraints=constraints, objective=str(rng.choice(["latency", "macs", "params"])),
+                          max_evaluations=int(rng.integers(2, 10)))
+    executor = FakeExecutor(curves, seed)
+    candidates, front, exact, _ = run_allocation(curves, {"params": 0, "bytes": 0, "macs": 0}, executor, config, jobs=int(rng.integers(1, 4)))
+    assert executor.calls == len(candidates) <= config.max_evaluations
+    assert all(row["macs"] <= constraints.max_macs for row in front) if constraints.max_macs else True
+    winner = pick_winner(candidates, config.objective)
+    feasible = [c for c in candidates if not violations(constraints, c)]
+    if winner is None:
+        assert not feasible
+    else:
+        assert violations(constraints, winner) == []
+        value = {"latency": "latency_ms", "macs": "macs", "params": "params"}[config.objective]
+        assert winner[value] == min(c[value] for c in feasible)
+
+
+def test_violations_name_each_requirement():
+    c = Constraints(max_accuracy_drop=0.5, min_agreement=0.99, max_weight_mb=1.0, target_speedup=1.5)
+    m = {"accuracy": 0.92, "accuracy_original": 0.93, "agreement": 0.995, "weight_bytes": 2e6, "speedup": float("nan")}
+    assert violations(c, m) == ["accuracy drop (points) 1 (> 0.5)", "weight MB 2 (> 1)", "measured speedup nan (< 1.5)"]
+    assert violations(Constraints(max_params=10), {"params": None}) == ["parameters unknown (> 10)"]
