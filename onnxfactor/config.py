@@ -224,6 +224,13 @@ class CompressConfig:
     calibration:
         How calibration data is used when :func:`onnxfactor.compress` gets some (``calibration=``);
         see :class:`CalibrationConfig`.
+    include_linear:
+        Also decompose the fully connected layers: ``Gemm`` and ``MatMul`` nodes whose weight (input
+        B) is a constant 2-D float initializer, by truncated SVD into two nodes of the same op, with
+        the same ``ranks`` policies, ``min_reduction``, ``nodes`` / ``exclude``, data-aware fit and
+        measured selection as the Convs (see :mod:`onnxfactor.linear`). ``method``, ``hooi_iters``
+        and ``in_mode_min_channels`` do not apply to them. Their counts go into the report's
+        ``linear_*`` totals, not the ``conv_*`` ones (see :class:`onnxfactor.report.Totals`).
     """
 
     ranks: RankConfig = field(default_factory=RankConfig)
@@ -235,3 +242,4 @@ class CompressConfig:
     exclude: tuple[str, ...] = ()
     latency: LatencyConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    include_linear: bool = False

@@ -354,13 +354,18 @@ class LayerDecomposer:
         return best, best_name, f"output error <= {target:.3g} on the calibration data"
 
     def _margin_reason(self, layer: LayerReport) -> str | None:
-        m = self.config.min_reduction
-        if m is None:
-            return None
-        cuts = {"params": 1 - layer.params_after / layer.params_before}
-        if layer.macs_before and layer.macs_after is not None:
-            cuts["MACs"] = 1 - layer.macs_after / layer.macs_before
-        short = [f"{k} {v:+.0%}" for k, v in cuts.items() if v < m]
-        if short:
-            return f"chain would change {', '.join(short)}; needs a cut of at least {m:.0%} (--min-reduction)"
+        return margin_reason(layer, self.config.min_reduction)
+
+
+def margin_reason(layer: LayerReport, min_reduction: float | None) -> str | None:
+    """Why ``layer``'s chain is not worth it: its parameters or MACs drop by less than ``min_reduction`` (None: it is)."""
+    m = min_reduction
+    if m is None:
         return None
+    cuts = {"params": 1 - layer.params_after / layer.params_before}
+    if layer.macs_before and layer.macs_after is not None:
+        cuts["MACs"] = 1 - layer.macs_after / layer.macs_before
+    short = [f"{k} {v:+.0%}" for k, v in cuts.items() if v < m]
+    if short:
+        return f"chain would change {', '.join(short)}; needs a cut of at least {m:.0%} (--min-reduction)"
+    return None

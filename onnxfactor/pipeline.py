@@ -21,6 +21,8 @@ from onnxfactor.config import FIT_CHOICES, CompressConfig
 from onnxfactor.decompose import LayerDecomposer
 from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, UsageError, ValidationFailed, first_line
 from onnxfactor.io import check_output_path
+from onnxfactor.linear import LinearSite, decompose_linear, find_linear_sites, select_faster_linear
+from onnxfactor.linear import share_key as linear_share_key
 from onnxfactor.ranks.policies import load_rank_file
 from onnxfactor.report import CompressReport, LayerReport, Totals
 from onnxfactor.rewrite import Rewriter, export_model
@@ -52,9 +54,11 @@ class _Prepared:
     input_shapes: dict
     shapes: dict
     run_error: Exception | None = None  # the model does not run at input_shapes (validation.dims)
+    linear_sites: list[LinearSite] = dataclasses.field(default_factory=list)  # include_linear: Gemm / MatMul sites
+    linear: list[Candidate] = dataclasses.field(default_factory=list)  # their chains, applied by every _build
 
 
-def _prepare(source, input_shapes: dict | None) -> _Prepared:
+def _prepare(source, input_shapes: dict | None, include_linear: bool = False) -> _Prepared:
     from onnxfactor.validation.inputs import resolve_input_shapes
 
     from onnxfactor.validation.dims import fit_dynamic_dims
@@ -72,20 +76,24 @@ def _prepare(source, input_shapes: dict | None) -> _Prepared:
     graph = gs.import_onnx(loaded.model)
     name_unnamed_nodes(graph)
     sites, skipped = find_conv_sites(graph, shapes)
+    linear, linear_skipped = find_linear_sites(graph, shapes) if include_linear else ([], [])
+    skipped += linear_skipped
     unknown = [s for s in sites if s.graph_path == "" and (s.in_spatial is None or s.out_spatial is None)]
+    unknown += [s for s in linear if s.graph_path == "" and not s.shapes_known]
     if unknown:
         names = [t for s in unknown for t in (s.node.inputs[0].name, s.node.outputs[0].name)]
         recorded = record_shapes(loaded.model, loaded.ir_version, resolved, names)
         for site in unknown:
             site.input_shape = recorded.get(site.node.inputs[0].name, site.input_shape)
             site.output_shape = recorded.get(site.node.outputs[0].name, site.output_shape)
-    if not sites and not skipped:
-        raise NothingToCompress("the model has no Conv node: nothing to compress")
-    if not sites:
+    if not sites and not linear and not skipped:
+        what = "Conv, Gemm or MatMul" if include_linear else "Conv"
+        raise NothingToCompress(f"the model has no {what} node: nothing to compress")
+    if not sites and not linear:
         listed = "; ".join(f"{s.graph_path}{s.name} ({s.op_type}): {s.reason}" for s in skipped[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         raise NothingToCompress(f"no Conv of the model can be decomposed, {len(skipped)} conv-like nodes are not candidates: {listed}{more}")
-    return _Prepared(loaded, graph, sites, skipped, resolved, shapes, run_error)
+    return _Prepared(loaded, graph, sites, skipped, resolved, shapes, run_error, linear)
 
 
 def _model_params(model: onnx.ModelProto) -> int:
@@ -107,20 +115,25 @@ def _model_params(model: onnx.ModelProto) -> int:
 
 
 def _totals(layers: list[LayerReport], params_before: int, params_after: int) -> Totals:
+    """Conv and (``include_linear``) linear totals, kept apart: the conv figures mean the same with linear layers."""
     t = Totals(model_params_before=params_before, model_params_after=params_after)
     for layer in layers:
         decomposed = layer.status == "decomposed"
-        t.conv_params_before += layer.params_before
-        t.conv_params_after += layer.params_after if decomposed else layer.params_before
+        kind = "linear" if layer.is_linear else "conv"
+        _add(t, f"{kind}_params", layer.params_before, layer.params_after if decomposed else layer.params_before)
         if layer.macs_before is None or (decomposed and layer.macs_after is None):
-            t.macs_known = False
+            setattr(t, "linear_macs_known" if layer.is_linear else "macs_known", False)
             continue
-        t.conv_macs_before += layer.macs_before
-        t.conv_macs_after += layer.macs_after if decomposed else layer.macs_before
+        _add(t, f"{kind}_macs", layer.macs_before, layer.macs_after if decomposed else layer.macs_before)
     return t
 
 
-def _load_explicit(config: CompressConfig, sites: list[ConvSite]) -> dict | None:
+def _add(totals: Totals, prefix: str, before: int, after: int) -> None:
+    setattr(totals, f"{prefix}_before", getattr(totals, f"{prefix}_before") + before)
+    setattr(totals, f"{prefix}_after", getattr(totals, f"{prefix}_after") + after)
+
+
+def _load_explicit(config: CompressConfig, sites: list[ConvSite], linear: list[LinearSite] = ()) -> dict | None:
     if config.ranks.policy != "file":
         return None
     if config.ranks.rank_file is None:
@@ -128,6 +141,7 @@ def _load_explicit(config: CompressConfig, sites: list[ConvSite]) -> dict | None
 
         raise UsageError("rank policy 'file' needs a rank file (--rank-file ranks.json)")
     known = {s.name: (s.geometry.is_pointwise, s.out_per_group, s.in_per_group) for s in sites}
+    known.update({s.name: (True, s.out_features, s.in_features) for s in linear})  # a matrix: {"rank": R}
     return load_rank_file(config.ranks.rank_file, known, method=config.method)
 
 
@@ -160,13 +174,14 @@ def compress(
     the converter cannot run falls back to the layer-wise reconstruction, with the reason in the report.
     ``finetune.stage_size`` makes it iterative (:mod:`onnxfactor.finetune.iterative`), each stage
     measured on ``held_out`` (:class:`ValidationOptions` with data) when given.
-    Nothing is written to disk; see :func:`compress_file`.
+    With ``config.include_linear`` the fully connected layers (Gemm / MatMul) are decomposed too,
+    by :mod:`onnxfactor.linear`. Nothing is written to disk; see :func:`compress_file`.
     """
     config = config or CompressConfig()
     timings = {}
     t0 = time.perf_counter()
-    prep = _prepare(model, input_shapes)
-    explicit = _load_explicit(config, prep.sites)
+    prep = _prepare(model, input_shapes, include_linear=config.include_linear)
+    explicit = _load_explicit(config, prep.sites, prep.linear_sites)
     timings["load_and_analyse"] = time.perf_counter() - t0
     fallback = teacher = None
     if finetune is not None:
@@ -197,12 +212,17 @@ def compress(
             candidates.append(Candidate(site, layer, options))
         if progress is not None:
             progress(index + 1, len(prep.sites), site.name)
+    if prep.linear_sites:  # include_linear: Gemm / MatMul layers, by onnxfactor.linear
+        linear_layers, prep.linear = decompose_linear(prep.linear_sites, config, explicit, calibration=calibration, images=images,
+                                                      model=_runnable(prep.loaded) if calibration is not None else None,
+                                                      progress=progress)
+        layers += linear_layers
     timings["decompose"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     params_before = _model_params(prep.loaded.model)
     speed = out = None
-    if measuring and candidates:
+    if measuring and (candidates or prep.linear):
         t = time.perf_counter()
         out, speed = _measured_selection(prep, decomposer, candidates, config, timer, progress)
         timings["latency"] = time.perf_counter() - t
@@ -317,6 +337,8 @@ def _correct(prep: _Prepared, candidates: list[Candidate], calib, config: Compre
 
 def _apply(rewriter: Rewriter, candidate: Candidate, hooi_iters: int) -> list[str]:
     site, chain = candidate.site, candidate.chain
+    if isinstance(site, LinearSite):
+        return rewriter.replace_linear(site, chain, linear_share_key(site, chain))
     share_key = (site.graph_path, site.weight.name, chain.method, tuple(sorted(chain.ranks.items())), hooi_iters)
     if chain.fit == "data" or chain.bias is not None:  # fitted to this Conv's own inputs: not shared
         share_key += (id(chain),)
@@ -324,7 +346,8 @@ def _apply(rewriter: Rewriter, candidate: Candidate, hooi_iters: int) -> list[st
 
 
 def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi_iters: int) -> onnx.ModelProto:
-    """The model with every candidate's ``chain`` applied (``None``: kept); marks the report rows.
+    """The model with every candidate's ``chain`` (and every linear one's, ``prep.linear``) applied
+    (``None``: kept); marks the report rows.
 
     ``in_place`` rewrites ``prep``'s graph and model (the final output: its unchanged weights are
     not copied again); otherwise a copy of the normalised model is rewritten, for timing a trial.
@@ -336,8 +359,10 @@ def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi
         graph = gs.import_onnx(base)
         name_unnamed_nodes(graph)
         sites = {(s.graph_path, s.name): s for s in find_conv_sites(graph, prep.shapes)[0]}
+        if prep.linear:
+            sites.update({(s.graph_path, s.name): s for s in find_linear_sites(graph, prep.shapes)[0]})
     rewriter = Rewriter(graph)
-    for c in candidates:
+    for c in [*candidates, *prep.linear]:
         c.layer.new_nodes, c.layer.status = [], "kept"
         if c.chain is None:
             continue
@@ -377,6 +402,7 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     if cache is not None:
         speed["timing_cache"] = cache  # a live object: the report's JSON reads its final hit counts
     budget = latency.target_speedup is not None or latency.max_latency_ms is not None
+    select_faster_linear(prep.linear, timer, margin=latency.margin, opset=opset)
 
     def build():
         return _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters)
@@ -404,8 +430,8 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
                          progress=(lambda d, n, name: progress(d, n, f"timing {name}")) if progress else None)
     if not latency.guard:
         return None, speed  # the caller builds the final model
-    result = guard_end_to_end(
-        candidates, build, original, feeds, timer, allow_slower=latency.allow_slower, margin=latency.margin
+    result = guard_end_to_end(  # the linear chains can be rolled back too
+        [*candidates, *prep.linear], build, original, feeds, timer, allow_slower=latency.allow_slower, margin=latency.margin
     )
     speed.update(result.to_dict())
     if result.speedup is not None and result.speedup < 1.0 + latency.margin and result.rounds[-1]["layers"]:
@@ -443,11 +469,14 @@ def analyze(
     data-aware fit, and each layer's output error on the calibration data) but rewrites nothing.
     """
     config = config or CompressConfig()
-    prep = _prepare(model, input_shapes)
-    explicit = _load_explicit(config, prep.sites)
+    prep = _prepare(model, input_shapes, include_linear=config.include_linear)
+    explicit = _load_explicit(config, prep.sites, prep.linear_sites)
     calib = _calibrate(prep, config, explicit, calibration, images, None)
     decomposer = LayerDecomposer(config, explicit, prep.sites, calib)
     layers = [decomposer.run(site)[0] for site in prep.sites]
+    if prep.linear_sites:
+        layers += decompose_linear(prep.linear_sites, config, explicit, calibration=calibration, images=images,
+                                   model=_runnable(prep.loaded) if calibration is not None else None)[0]
     for layer in layers:
         if layer.reason is None and layer.params_after is not None:
             layer.status = "would decompose"
@@ -464,7 +493,8 @@ def analyze(
     predicted = [dataclasses.replace(l, status="decomposed" if l.status == "would decompose" else l.status) for l in layers]
     params = _model_params(prep.loaded.model)
     totals = _totals(predicted, params, params)
-    totals.model_params_after = totals.model_params_before - totals.conv_params_before + totals.conv_params_after
+    totals.model_params_after = (totals.model_params_before - totals.conv_params_before + totals.conv_params_after
+                                 - totals.linear_params_before + totals.linear_params_after)
     report.totals = totals
     return report
 

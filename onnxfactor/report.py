@@ -14,7 +14,9 @@ import numpy as np
 
 @dataclass
 class LayerReport:
-    """Every figure about one Conv candidate (decomposed or kept)."""
+    """Every figure about one candidate (decomposed or kept): a Conv, or with ``include_linear`` a
+    ``Gemm`` / ``MatMul`` (``op_type``; ``kernel_shape`` and ``strides`` empty, ``weight_shape`` the
+    B input as stored, MACs per sample, see :class:`onnxfactor.linear.LinearSite`)."""
 
     name: str
     graph_path: str
@@ -44,6 +46,12 @@ class LayerReport:
     correction: dict | None = None      # sequential correction: errors before/after at the output tensor
     reconstruction: dict | None = None  # layer-wise reconstruction (PyTorch): loss before/after, steps
     seconds: float = 0.0
+    op_type: str = "Conv"
+
+    @property
+    def is_linear(self) -> bool:
+        """A fully connected layer (``Gemm`` / ``MatMul``), counted in the ``linear_*`` totals."""
+        return self.op_type != "Conv"
 
     def describe_chain(self, chain, in_spatial: int | None, out_spatial: int | None) -> None:
         """Fill this row's figures of ``chain`` (a ``ChainSpec``): method, ranks, parameter and MAC
@@ -72,7 +80,16 @@ def _ratio(before, after) -> float | None:
 
 @dataclass
 class Totals:
-    """Model-wide counts before and after (MACs per sample at the analysed input shapes)."""
+    """Model-wide counts before and after (MACs per sample at the analysed input shapes).
+
+    ``conv_*`` count the Conv candidates only, with or without ``include_linear``, so the conv-MAC
+    ratio means the same in every report. The fully connected candidates (``Gemm`` / ``MatMul``)
+    have their own ``linear_*`` counts (0 without ``include_linear``): a VGG-style head holds most
+    of the parameters but a few percent of the MACs, and mixed into the conv figures it would hide
+    what the conv decomposition does. ``model_params_*`` count every initializer of the model, so
+    the model parameter ratio includes the fully connected savings. ``macs_known`` /
+    ``linear_macs_known`` are False when some layer's shapes are unknown (its MACs are left out).
+    """
 
     conv_params_before: int = 0
     conv_params_after: int = 0
@@ -83,10 +100,19 @@ class Totals:
     model_params_after: int = 0
     model_bytes_before: int | None = None
     model_bytes_after: int | None = None
+    linear_params_before: int = 0
+    linear_params_after: int = 0
+    linear_macs_before: int = 0
+    linear_macs_after: int = 0
+    linear_macs_known: bool = True
 
     @property
     def conv_macs_ratio(self) -> float | None:
         return _ratio(self.conv_macs_before, self.conv_macs_after) if self.macs_known else None
+
+    @property
+    def linear_macs_ratio(self) -> float | None:
+        return _ratio(self.linear_macs_before, self.linear_macs_after) if self.linear_macs_known else None
 
     @property
     def model_params_ratio(self) -> float | None:
@@ -125,12 +151,14 @@ class CompressReport:
     def to_dict(self) -> dict:
         d = to_jsonable(self)
         d["summary"] = {
-            "conv_candidates": len(self.layers),
+            "conv_candidates": sum(not layer.is_linear for layer in self.layers),
+            "linear_candidates": sum(layer.is_linear for layer in self.layers),
             "decomposed": len(self.decomposed),
             "kept": len(self.kept),
             "skipped": len(self.skipped),
             "conv_macs_ratio": self.totals.conv_macs_ratio,
             "model_params_ratio": self.totals.model_params_ratio,
+            "linear_macs_ratio": self.totals.linear_macs_ratio,
         }
         return d
 
@@ -142,7 +170,7 @@ def to_jsonable(obj: Any) -> Any:
     """Dataclasses, numpy scalars/arrays, paths and non-finite floats -> plain JSON values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        for name in ("params_ratio", "macs_ratio", "conv_macs_ratio", "model_params_ratio"):
+        for name in ("params_ratio", "macs_ratio", "conv_macs_ratio", "model_params_ratio", "linear_macs_ratio"):
             if hasattr(type(obj), name):
                 out[name] = to_jsonable(getattr(obj, name))
         return out

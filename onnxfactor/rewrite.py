@@ -1,4 +1,5 @@
-"""The only module that edits the graph: replace a Conv node by the chain of a :class:`ChainSpec`.
+"""The only module that edits the graph: replace a Conv node by the chain of a :class:`ChainSpec`
+(and a Gemm / MatMul by its two-node SVD chain, :meth:`Rewriter.replace_linear`).
 
 Following onnx-graphsurgeon's "replace a subgraph" recipe: the new nodes take the old node's
 input (and bias), the last one writes the old node's output tensor (so every consumer and graph
@@ -67,11 +68,67 @@ class Rewriter:
                 gs.Node(op="Conv", name=self._unique(f"{base}/{chain.method}_{conv.role}"), attrs=attrs, inputs=inputs, outputs=[out])
             )
             x = out
-        position = graph.nodes.index(node)
-        node.inputs.clear()
-        node.outputs.clear()
-        graph.nodes[position : position + 1] = new_nodes
+        _swap(graph, node, new_nodes)
         return [n.name for n in new_nodes]
+
+    def replace_linear(self, site, chain, share_key: tuple) -> list[str]:
+        """Replace a fully connected node by two of the same op; returns the new node names.
+
+        ``site`` is a :class:`onnxfactor.linear.LinearSite` whose weight is ``W = B'`` (``K x N``,
+        ``B`` or ``B^T`` by ``transB``) and ``chain`` a :class:`onnxfactor.linear.LinearChain`,
+        ``W ~= P Q`` with ``P = chain.first`` (``K x r``) and ``Q = chain.second`` (``r x N``), both
+        stored as they are used (``transB = 0``)::
+
+            Gemm(A, B, C; alpha, beta, transA, transB) -> Gemm(A, P; alpha, transA) -> Gemm(H, Q, C; beta)
+            MatMul(X, B)                                -> MatMul(X, P)              -> MatMul(H, Q)
+
+        so ``alpha A' P Q + beta C = alpha A' W + beta C``: the second node carries the original
+        bias input ``C`` (any broadcastable shape, or none) and beta, the first alpha and transA;
+        MatMul keeps any batch dims of ``X``. Before opset 11, where Gemm's C is required, the
+        first Gemm gets a one-element zero C. ``share_key`` as in :meth:`replace`.
+        """
+        node, graph = site.node, site.graph
+        dtype = np.dtype(site.weight.dtype)
+        base = node.name
+        factors = []
+        for role, values in (("first", chain.first), ("last", chain.second)):
+            key = (*share_key, role)
+            tensor = self._factor_cache.get(key)
+            if tensor is None:
+                name = self._unique(f"{base}/{chain.method}_{role}_weight")
+                tensor = gs.Constant(name, np.ascontiguousarray(np.asarray(values).astype(dtype)))
+                self._factor_cache[key] = tensor
+            factors.append(tensor)
+        hidden = gs.Variable(self._unique(f"{base}/{chain.method}_first_out"), dtype=dtype)
+        first_inputs, last_inputs = [node.inputs[0], factors[0]], [hidden, factors[1]]
+        first_attrs, last_attrs = {}, {}
+        if node.op == "Gemm":
+            alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+            trans_a = int(node.attrs.get("transA", 0))
+            first_attrs = {**({"alpha": alpha} if alpha != 1.0 else {}), **({"transA": trans_a} if trans_a else {})}
+            bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            if bias is not None:
+                last_inputs.append(bias)
+                if beta != 1.0:
+                    last_attrs["beta"] = beta
+            if int(getattr(graph, "opset", None) or self.graph.opset or 11) < 11:
+                first_inputs.append(gs.Constant(self._unique(f"{base}/{chain.method}_first_zero"), np.zeros(1, dtype=dtype)))
+        new_nodes = [
+            gs.Node(op=node.op, name=self._unique(f"{base}/{chain.method}_first"), attrs=first_attrs, inputs=first_inputs,
+                    outputs=[hidden]),
+            gs.Node(op=node.op, name=self._unique(f"{base}/{chain.method}_last"), attrs=last_attrs, inputs=last_inputs,
+                    outputs=[node.outputs[0]]),
+        ]
+        _swap(graph, node, new_nodes)
+        return [n.name for n in new_nodes]
+
+
+def _swap(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> None:
+    """Disconnect ``node`` and put ``new_nodes`` at its place (which keeps the node order topological)."""
+    position = graph.nodes.index(node)
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.nodes[position : position + 1] = new_nodes
 
 
 def export_model(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:

@@ -41,13 +41,21 @@ def mode_spectrum(matrix: np.ndarray) -> ModeSpectrum:
     a = np.asarray(matrix, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"mode_spectrum needs a 2-D matrix, got shape {a.shape}")
-    gram = a @ a.T
+    return gram_spectrum(a @ a.T, a.shape)
+
+
+def gram_spectrum(gram: np.ndarray, shape: tuple[int, int]) -> ModeSpectrum:
+    """The :class:`ModeSpectrum` of an ``L x M`` matrix (``shape``) from its ``L x L`` Gram matrix ``A A^T``
+    (float64), for callers that form the Gram matrix without the matrix (e.g. from activation moments)."""
+    gram = np.asarray(gram, dtype=np.float64)
+    if gram.shape != (shape[0], shape[0]):
+        raise ValueError(f"a Gram matrix of a {shape[0]} x {shape[1]} matrix is {shape[0]} x {shape[0]}, got {gram.shape}")
     eigvals, eigvecs = np.linalg.eigh(gram)
     order = np.argsort(eigvals)[::-1]
     eigvals = np.clip(eigvals[order], 0.0, None)
     vectors = eigvecs[:, order]
-    k = min(a.shape)
-    return ModeSpectrum(singular_values=np.sqrt(eigvals[:k]), vectors=vectors, shape=a.shape)
+    k = min(shape)
+    return ModeSpectrum(singular_values=np.sqrt(eigvals[:k]), vectors=vectors, shape=tuple(shape))
 
 
 def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:

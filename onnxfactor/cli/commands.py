@@ -10,7 +10,8 @@ from onnxfactor.cli import options as opt
 from onnxfactor.cli.render import Renderer
 
 
-def _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method="tucker2"):
+def _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method="tucker2",
+             include_linear=False):
     from onnxfactor.config import CompressConfig, RankConfig
 
     policy = "file" if rank_file is not None else ranks.value
@@ -20,7 +21,7 @@ def _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_r
     )
     return CompressConfig(
         ranks=rank_config, method=getattr(method, "value", method), min_reduction=min_reduction, in_mode_min_channels=in_min_channels,
-        hooi_iters=hooi, nodes=tuple(node or ()), exclude=tuple(exclude or ()),
+        hooi_iters=hooi, nodes=tuple(node or ()), exclude=tuple(exclude or ()), include_linear=include_linear,
     )
 
 
@@ -48,6 +49,7 @@ def compress(
     hooi: opt.Hooi = 0,
     node: opt.Nodes = None,
     exclude: opt.Exclude = None,
+    include_linear: opt.IncludeLinear = False,
     input_shape: opt.InputShapes = None,
     calibration: opt.Calibration = None,
     calibration_samples: opt.CalibrationSamples = None,
@@ -94,14 +96,16 @@ def compress(
     report: opt.ReportPath = None,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Decompose the Conv layers of INPUT_MODEL and write OUTPUT_MODEL, with a validation report."""
+    """Decompose the Conv layers (with --include-linear also the fully connected ones) of INPUT_MODEL and write OUTPUT_MODEL,
+    with a validation report."""
     import dataclasses
 
     from onnxfactor.config import LatencyConfig
     from onnxfactor.errors import UsageError
     from onnxfactor.pipeline import ValidationOptions, compress_file
 
-    config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method)
+    config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method,
+                      include_linear=include_linear)
     if target_speedup is not None and max_latency_ms is not None:
         raise UsageError("give one latency budget: --target-speedup or --max-latency-ms, not both")
     if iterative and not finetune:
@@ -212,6 +216,7 @@ def analyze(
     round_to: opt.RoundTo = 1,
     min_reduction: opt.MinReduction = 0.1,
     in_min_channels: opt.InMinChannels = 4,
+    include_linear: opt.IncludeLinear = False,
     input_shape: opt.InputShapes = None,
     calibration: opt.Calibration = None,
     calibration_samples: opt.CalibrationSamples = None,
@@ -236,7 +241,8 @@ def analyze(
         check_output_path(report, "report", protected={"input model": input_model})
     import dataclasses
 
-    config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None, method)
+    config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None, method,
+                      include_linear=include_linear)
     config = dataclasses.replace(config, calibration=_calibration_config(calibration_samples, fit, False, 0, calibration_memory, provider))
     images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
     result = run_analyze(input_model, config=config, input_shapes=_shapes(input_shape), calibration=calibration, images=images)

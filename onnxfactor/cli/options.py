@@ -81,7 +81,7 @@ TargetError = Annotated[
     float,
     typer.Option(help="Relative reconstruction error ||W - W_chain|| / ||W|| per layer for --ranks error (cheapest ranks meeting it).", min=0.0, max=0.999),
 ]
-RankFile = Annotated[Optional[Path], typer.Option(help="JSON ranks per Conv node name (implies --ranks file).", show_default=False)]
+RankFile = Annotated[Optional[Path], typer.Option(help="JSON ranks per node name (implies --ranks file).", show_default=False)]
 Rank0 = Annotated[Rank0Rule, typer.Option(help="When VBMF says a mode is noise (rank 0): keep it undecomposed, or use --min-rank.")]
 MinRank = Annotated[int, typer.Option(help="Rank used by --rank0 min.", min=1)]
 RoundTo = Annotated[int, typer.Option(help="Round ranks up to a multiple of this (e.g. 8 or 16); 1 = off.", min=1)]
@@ -92,8 +92,16 @@ InMinChannels = Annotated[
     int, typer.Option("--in-min-channels", help="Convs with at most this many input channels are decomposed on the output mode only.", min=0)
 ]
 Hooi = Annotated[int, typer.Option("--hooi", help="HOOI refinement sweeps after the HOSVD (0 = HOSVD only).", min=0)]
-Nodes = Annotated[Optional[list[str]], typer.Option("--node", help="Only decompose this Conv node (repeatable).", show_default=False)]
-Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Never decompose this Conv node (repeatable).", show_default=False)]
+Nodes = Annotated[Optional[list[str]], typer.Option("--node", help="Only decompose this Conv (or, with --include-linear, Gemm / MatMul) node (repeatable).", show_default=False)]
+Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Never decompose this Conv (or Gemm / MatMul) node (repeatable).", show_default=False)]
+IncludeLinear = Annotated[
+    bool,
+    typer.Option(
+        "--include-linear",
+        help="Also decompose fully connected layers (Gemm / MatMul with a constant 2-D weight) by truncated SVD into two "
+        "layers, with the same rank policies, --min-reduction, --node / --exclude, data-aware fit and measured selection.",
+    ),
+]
 Data = Annotated[
     Optional[str],
     typer.Option(

@@ -111,6 +111,12 @@ class Renderer:
             + ("" if t.macs_known else " [partial: unknown shapes]")
             + f", model params {_num(t.model_params_before)} -> {_num(t.model_params_after)} ({_ratio(t.model_params_ratio)} smaller)"
         )
+        if t.linear_params_before:
+            self.console.print(
+                f"fully connected params {_num(t.linear_params_before)} -> {_num(t.linear_params_after)}, "
+                f"MACs {_num(t.linear_macs_before)} -> {_num(t.linear_macs_after)} ({_ratio(t.linear_macs_ratio)} fewer)"
+                + ("" if t.linear_macs_known else " [partial: unknown shapes]")
+            )
         if t.model_bytes_before and t.model_bytes_after:
             self.console.print(f"file size {_num(t.model_bytes_before)}B -> {_num(t.model_bytes_after)}B")
 
@@ -195,7 +201,8 @@ class Renderer:
         if v and v.get("input_source", "").startswith("random"):
             self.console.print("validated on random inputs: output errors only, not task accuracy (give real inputs with --data)")
         self.console.print(
-            f"decomposed {len(report.decomposed)} of {len(report.layers)} Conv layers, kept {len(report.kept)}, "
+            f"decomposed {len(report.decomposed)} of {len(report.layers)} "
+            f"{'Conv and fully connected' if any(l.is_linear for l in report.layers) else 'Conv'} layers, kept {len(report.kept)}, "
             f"not candidates {len(report.skipped)}; wrote {escape(str(report.output_path))} "
             f"in {report.timings.get('total', 0):.2f} s (+{report.timings.get('check', 0) + report.timings.get('validate', 0):.2f} s checks)"
         )

@@ -25,13 +25,14 @@ CHAIN_NODE = re.compile(r"^(?P<base>.+)/(?:tucker2|tucker3|cp3|cp4|svd)_[A-Za-z0
 
 
 def chain_tensors(model: onnx.ModelProto, train: str = "factors") -> tuple[set[str], list[str]]:
-    """``(trainable initializer names, feature tensor names)`` of a compressed model (module docstring)."""
+    """``(trainable initializer names, feature tensor names)`` of a compressed model (module docstring);
+    the two-node chains of fully connected layers (Gemm / MatMul, ``<node>/svd_first|last``) count too."""
     initializers = {t.name: t for t in model.graph.initializer}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
     last_of_chain: dict[str, str] = {}
     trainable: set[str] = set()
     for node in model.graph.node:
-        match = CHAIN_NODE.match(node.name) if node.op_type == "Conv" else None
+        match = CHAIN_NODE.match(node.name) if node.op_type in ("Conv", "Gemm", "MatMul") else None
         if match is None:
             continue
         last_of_chain[match.group("base")] = node.output[0]
