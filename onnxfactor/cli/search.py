@@ -78,6 +78,7 @@ def search(
     search_steps: Annotated[int, typer.Option("--search-steps", help="With --finetune: the brief fine-tuning of every candidate, in steps (0 = none).", min=0)] = 0,
     lr: opt.Lr = 1e-3,
     batch_size: opt.BatchSize = 64,
+    include_linear: Annotated[bool, typer.Option("--include-linear", help="Fully connected layers (Gemm / MatMul with a constant weight) are searched too.")] = False,
     node: opt.Nodes = None,
     exclude: opt.Exclude = None,
     input_shape: opt.InputShapes = None,
@@ -129,7 +130,7 @@ def search(
                           fractions=_floats(fractions, "--fractions") if fractions else FRACTIONS, round_to=round_to,
                           jobs=jobs, ray_address=ray_address, cache=cache, time_budget=parse_duration(time_budget),
                           max_evaluations=max_evaluations, latency_runs=latency_runs, threads=threads)
-    base = dataclasses.replace(CompressConfig(nodes=tuple(node or ()), exclude=tuple(exclude or ())),
+    base = dataclasses.replace(CompressConfig(nodes=tuple(node or ()), exclude=tuple(exclude or ()), include_linear=include_linear),
                                calibration=_calibration_config(calibration_samples, "data", True, 0, 1024.0, provider))
     held_out = ValidationOptions(data=data, images=images, max_samples=max_samples, provider=provider)
     full = _finetune_config(epochs, None, lr, batch_size, None, "factors", False, 0, False) if finetune else None

@@ -18,6 +18,7 @@ Each stage gets the fine-tuning length of ``--epochs`` / ``--steps``, so the tot
 ``stages x`` that. The report's ``finetune.stages`` lists every stage's nodes, ranks, MAC cut so
 far, losses, time and held-out figures; its layer rows are those of the stage that decomposed
 each Conv. Latency selection (``--measure``) runs inside each stage, on that stage's layers.
+Convs only: ``include_linear`` is not applied in this mode.
 """
 
 from __future__ import annotations

@@ -131,3 +131,17 @@ def test_config_for_builds_rank_files_and_global_settings(tmp_path):
     assert layers.ranks.policy == "file" and json.loads(layers.ranks.rank_file.read_text()) == {"/2/Conv": {"out": 8, "in": 8}}
     grid = config_for({"kind": "global", "method": "cp3", "policy": "weakened", "value": 0.3, "round_to": 8}, BASE, tmp_path)
     assert (grid.method, grid.ranks.policy, grid.ranks.weaken, grid.ranks.round_to, grid.exclude) == ("cp3", "weakened", 0.3, 8, ("/0/Conv",))
+
+
+def test_sensitivity_curves_cover_linear_layers_with_include_linear():
+    import dataclasses
+
+    from onnxfactor.search.space import sensitivity
+
+    curves, rows = sensitivity(MODEL, None, dataclasses.replace(BASE, include_linear=True), fractions=(0.25, 0.5))
+    assert {"/16/Gemm", "/18/Gemm"} <= set(curves) and "/0/Conv" not in curves
+    gemm = [r for r in rows if r["layer"] == "/16/Gemm"]
+    assert [r["fraction"] for r in gemm] == [0.25, 0.5] and gemm[0]["output_error"] > gemm[1]["output_error"] > 0
+    assert curves["/16/Gemm"][0].setting is None and curves["/16/Gemm"][0].loss == 0.0  # keep
+    conv_only, _ = sensitivity(MODEL, None, BASE, fractions=(0.5,))
+    assert not any(name.endswith("Gemm") for name in conv_only)
