@@ -95,6 +95,7 @@ def search(
     report: opt.ReportPath = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Write the search's figures into this folder ([plot] extra).", show_default=False)] = None,
     write_best: Annotated[bool, typer.Option("--write-best", help="Without a feasible candidate, write the closest one anyway (still exit 7).")] = False,
+    allow_overlap: opt.AllowOverlap = False,
     quiet: opt.Quiet = False,
 ) -> None:
     """Search per-layer ranks (or global settings) for the best model meeting the requirements; exit 7 if none does."""
@@ -139,7 +140,7 @@ def search(
     with render.progress("searching") as progress:
         result = search_file(input_model, output_model, calibration, held_out, config=config, base=base, images=images,
                              input_shapes=_shapes(input_shape), report_path=report, plots=plots, write_best=write_best,
-                             finetune=full, brief_finetune=brief, progress=progress)
+                             finetune=full, brief_finetune=brief, progress=progress, allow_overlap=allow_overlap)
     out = result["output"]
     winner = result["winner"]
     v = out.get("validation") or {}

@@ -21,7 +21,7 @@ from onnxfactor.search.runner import SearchConfig, closest_candidate, infeasible
 
 def search_file(model, output, calibration, held_out, *, config: SearchConfig, base, images=None, input_shapes=None,
                 report_path=None, plots=None, write_best: bool = False, finetune=None, brief_finetune=None,
-                progress=None) -> dict:
+                progress=None, allow_overlap: bool = False) -> dict:
     """Run :func:`onnxfactor.search.search` and write its files; returns the report (a dict).
 
     Raises :class:`~onnxfactor.errors.ConstraintsNotMet` (exit 7) when no candidate meets the
@@ -39,7 +39,8 @@ def search_file(model, output, calibration, held_out, *, config: SearchConfig, b
     model_io.load_model(model)
     check_data_exists(calibration, role="calibration")
     check_data_exists(held_out.data, role="validation")
-    _check_disjoint(model, calibration, images, base, held_out)
+    if not allow_overlap:  # accuracy on the samples the factors were fitted to is not what users will see
+        _check_disjoint(model, calibration, images, base, held_out)
     result = search(model, calibration, held_out, config=config, base=base, images=images, input_shapes=input_shapes,
                     finetune=brief_finetune, progress=progress)
     report = to_jsonable(result.to_dict())
