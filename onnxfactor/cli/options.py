@@ -38,6 +38,17 @@ class ResizeMode(str, Enum):
     short_side_center_crop = "short-side+center-crop"
 
 
+class ObjectiveName(str, Enum):
+    latency = "latency"
+    macs = "macs"
+    params = "params"
+
+
+class StrategyName(str, Enum):
+    allocate = "allocate"
+    grid = "grid"
+
+
 class ChannelOrderName(str, Enum):
     rgb = "rgb"
     bgr = "bgr"

@@ -167,11 +167,11 @@ class Renderer:
         if not finetune:
             return
         if finetune.get("iterative"):
-            from onnxfactor.finetune.iterative import _summary
+            from onnxfactor.finetune.iterative import stage_summary
 
             for stage in finetune["stages"]:
                 self.console.print(f"stage {stage['stage']}/{len(finetune['stages'])} ({escape(', '.join(stage['nodes']))}): "
-                                   f"{escape(_summary(stage))}, {stage['seconds']:.1f} s")
+                                   f"{escape(stage_summary(stage))}, {stage['seconds']:.1f} s")
             return
         if "steps" not in finetune:
             self.console.print(f"[yellow]fine-tuning:[/] {escape(finetune.get('fallback') or finetune.get('skipped', ''))}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,17 +10,6 @@ import typer
 
 from onnxfactor.cli import options as opt
 from onnxfactor.cli.render import Renderer
-
-
-class ObjectiveName(str, Enum):
-    latency = "latency"
-    macs = "macs"
-    params = "params"
-
-
-class StrategyName(str, Enum):
-    allocate = "allocate"
-    grid = "grid"
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -63,8 +51,8 @@ def search(
     max_macs: Annotated[Optional[int], typer.Option("--max-macs", help="Requirement: conv (and, with --include-linear, linear) MACs per sample at most this.", show_default=False, min=1)] = None,
     target_speedup: Annotated[Optional[float], typer.Option("--target-speedup", help="Requirement: measured end-to-end speedup at least this.", show_default=False, min=0.0)] = None,
     max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Requirement: measured latency of the first --data batch at most this.", show_default=False, min=0.0)] = None,
-    objective: Annotated[ObjectiveName, typer.Option("--objective", help="What the winner minimises among candidates meeting every requirement.")] = ObjectiveName.latency,
-    strategy: Annotated[StrategyName, typer.Option("--strategy", help="allocate: per-layer ranks from sensitivity curves and a Pareto front; grid: every global setting.")] = StrategyName.allocate,
+    objective: Annotated[opt.ObjectiveName, typer.Option("--objective", help="What the winner minimises among candidates meeting every requirement.")] = opt.ObjectiveName.latency,
+    strategy: Annotated[opt.StrategyName, typer.Option("--strategy", help="allocate: per-layer ranks from sensitivity curves and a Pareto front; grid: every global setting.")] = opt.StrategyName.allocate,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to search (tucker2, cp3, cp4, tucker3).")] = "tucker2",
     fractions: Annotated[Optional[str], typer.Option("--fractions", help="Comma-separated rank fractions of the sensitivity curves and the grid.", show_default=False)] = None,
     round_to: opt.RoundTo = 1,

@@ -98,7 +98,7 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
         record["seconds"] = round(time.perf_counter() - t, 2)
         stages.append(record)
         if progress is not None:
-            progress(index + 1, len(plan), f"{label} done: {_summary(record)}")
+            progress(index + 1, len(plan), f"{label} done: {stage_summary(record)}")
         current = out
 
     report = first
@@ -112,7 +112,7 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
     return CompressResult(current, report, external_data=prep.loaded.external_data, run_error=prep.run_error)
 
 
-def _summary(record: dict) -> str:
+def stage_summary(record: dict) -> str:
     """One line of a stage's figures (progress bar and CLI)."""
     parts = [f"conv MACs {record['conv_macs_ratio_so_far']:.2f}x" if record.get("conv_macs_ratio_so_far") else "conv MACs ?"]
     if record.get("finetune"):

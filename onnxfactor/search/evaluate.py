@@ -92,9 +92,8 @@ def evaluate(spec: dict, ctx: Context, *, model_out: Path | None = None) -> dict
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxfactor-search-") as tmp:
         config = config_for(spec, ctx.base, Path(tmp))
-        finetune = ctx.finetune if ctx.finetune is not None else None
         result = compress(ctx.model, config=config, input_shapes=ctx.input_shapes, calibration=_statistics(ctx),
-                          finetune=finetune, finetune_data=ctx.finetune_data if finetune is not None else None)
+                          finetune=ctx.finetune, finetune_data=ctx.finetune_data)
         built = time.perf_counter() - start
         options: ValidationOptions = dataclasses.replace(ctx.held_out, threads=ctx.threads, latency_runs=ctx.latency_runs)
         vr = validate(ctx.model, result.model, options=options, input_shapes=ctx.input_shapes)
@@ -115,8 +114,8 @@ def evaluate(spec: dict, ctx: Context, *, model_out: Path | None = None) -> dict
         "latency_original_ms": None if vr.latency_original is None else vr.latency_original.median_ms,
         "params": totals.model_params_after,
         "params_original": totals.model_params_before,
-        "macs": totals.conv_macs_after + getattr(totals, "linear_macs_after", 0),
-        "macs_original": totals.conv_macs_before + getattr(totals, "linear_macs_before", 0),
+        "macs": totals.conv_macs_after + totals.linear_macs_after,
+        "macs_original": totals.conv_macs_before + totals.linear_macs_before,
         "conv_macs_ratio": totals.conv_macs_ratio,
         "weight_bytes": weight_bytes,
         "decomposed": len(report.decomposed),

@@ -153,14 +153,14 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
                 _report(progress, len(candidates), len(specs), candidates[-1])
         else:
             t = time.perf_counter()
-            curves_all, sens_rows = sensitivity(model, stats, base, methods=config.methods, fractions=config.fractions,
+            curves_all, sens_rows, totals = sensitivity(model, stats, base, methods=config.methods, fractions=config.fractions,
                                                 round_to=config.round_to, input_shapes=input_shapes)
             seconds["sensitivity"] = round(time.perf_counter() - t, 2)
             if not curves_all:
                 from onnxfactor.errors import NothingToCompress
 
                 raise NothingToCompress("no Conv of the model would be decomposed at any rank fraction of the search")
-            others = _fixed_costs(curves_all, model, base, input_shapes)
+            others = _fixed_costs(curves_all, totals)
             candidates, front_rows, exact, stopped = run_allocation(curves_all, others, executor, config, jobs, deadline, progress)
     finally:
         if hasattr(executor, "close"):
@@ -260,22 +260,11 @@ def _stats_file(stats, folder: Path | None) -> Path:
     return path
 
 
-def _fixed_costs(curves, model, base, input_shapes) -> dict:
+def _fixed_costs(curves, totals) -> dict:
     """Model-wide totals outside the searched layers (their caps apply to the whole model)."""
-    import onnx
-
-    from onnxfactor.pipeline import _model_params
-
-    m = onnx.load(str(model))
-    params = _model_params(m)
-    layer_params = sum(opts[0].costs["params"] for opts in curves.values())
-    layer_macs = sum(opts[0].costs["macs"] for opts in curves.values())
-    from onnxfactor.pipeline import analyze
-
-    report = analyze(model, config=dataclasses.replace(base, latency=None), input_shapes=input_shapes)
-    total_macs = report.totals.conv_macs_before + getattr(report.totals, "linear_macs_before", 0)
-    other_params = params - layer_params
-    return {"params": other_params, "bytes": other_params * 4.0, "macs": total_macs - layer_macs}
+    other_params = totals.model_params_before - sum(opts[0].costs["params"] for opts in curves.values())
+    macs = totals.conv_macs_before + totals.linear_macs_before - sum(opts[0].costs["macs"] for opts in curves.values())
+    return {"params": other_params, "bytes": other_params * 4.0, "macs": macs}
 
 
 def _judged(results: list[dict], config: SearchConfig) -> list[dict]:

@@ -23,18 +23,21 @@ BYTES_PER_PARAM = 4  # float32 weights: the allocation's byte cost (the built mo
 
 
 def sensitivity(model, stats, base, *, methods=("tucker2",), fractions=FRACTIONS, round_to: int = 1, input_shapes=None):
-    """``(curves, rows)``: per layer its :class:`Option` list, and the raw figures for the report / plots."""
+    """``(curves, rows, totals)``: per layer its :class:`Option` list, the raw figures for the report /
+    plots, and the model's totals before compression (:class:`onnxfactor.report.Totals`)."""
     from onnxfactor.config import RankConfig
     from onnxfactor.pipeline import analyze
 
     curves: dict[str, list[Option]] = {}
     rows: list[dict] = []
     before: dict[str, tuple] = {}
+    totals = None
     for method in methods:
         for f in fractions:
             config = dataclasses.replace(base, method=method, latency=None,
                                          ranks=RankConfig(policy="ratio", ratio=f, round_to=round_to))
             report = analyze(model, config=config, calibration=stats, input_shapes=input_shapes)
+            totals = totals or report.totals
             for layer in report.layers:
                 if layer.macs_before is None:
                     continue
@@ -52,7 +55,7 @@ def sensitivity(model, stats, base, *, methods=("tucker2",), fractions=FRACTIONS
         macs, params = before[name]
         options.insert(0, Option(name, None, 0.0, _costs(macs, params), label="keep"))
         curves[name] = _deduplicated(options)
-    return curves, rows
+    return curves, rows, totals
 
 
 def _costs(macs: int, params: int) -> dict:

@@ -138,10 +138,11 @@ def test_sensitivity_curves_cover_linear_layers_with_include_linear():
 
     from onnxfactor.search.space import sensitivity
 
-    curves, rows = sensitivity(MODEL, None, dataclasses.replace(BASE, include_linear=True), fractions=(0.25, 0.5))
+    curves, rows, totals = sensitivity(MODEL, None, dataclasses.replace(BASE, include_linear=True), fractions=(0.25, 0.5))
     assert {"/16/Gemm", "/18/Gemm"} <= set(curves) and "/0/Conv" not in curves
     gemm = [r for r in rows if r["layer"] == "/16/Gemm"]
     assert [r["fraction"] for r in gemm] == [0.25, 0.5] and gemm[0]["output_error"] > gemm[1]["output_error"] > 0
     assert curves["/16/Gemm"][0].setting is None and curves["/16/Gemm"][0].loss == 0.0  # keep
-    conv_only, _ = sensitivity(MODEL, None, BASE, fractions=(0.5,))
+    assert totals.linear_macs_before == sum(curves[n][0].costs["macs"] for n in ("/16/Gemm", "/18/Gemm"))
+    conv_only, _, _ = sensitivity(MODEL, None, BASE, fractions=(0.5,))
     assert not any(name.endswith("Gemm") for name in conv_only)
