@@ -552,6 +552,7 @@ class ValidationOptions:
     threads: int | None = None
     latency_runs: int = 50
     max_rel_error: float | None = None
+    metric: object = None  # a task metric: "file.py[:function]" or a callable (onnxfactor.validation.metric)
 
 
 def validate(
@@ -572,9 +573,12 @@ def validate(
     reference = original if isinstance(original, onnx.ModelProto) else model_io.load_model(original).model
     inputs = make_inputs(reference, data=options.data, images=options.images, shapes=input_shapes or {}, seed=options.seed,
                          max_samples=options.max_samples)
+    from onnxfactor.validation.metric import as_metric
+
     providers = resolve_providers(options.provider)
     return run_validation(
-        original, compressed, inputs=inputs, providers=providers, threads=options.threads, latency_runs=options.latency_runs
+        original, compressed, inputs=inputs, providers=providers, threads=options.threads, latency_runs=options.latency_runs,
+        metric=as_metric(options.metric),
     )
 
 

@@ -59,7 +59,7 @@ def _as_rgb_uint8(a) -> np.ndarray:
     return a
 
 
-def _sources() -> list[tuple[str, np.ndarray]]:
+def _sources(faces: slice = slice(0, 40)) -> list[tuple[str, np.ndarray]]:
     import matplotlib
     import skimage.data
     from PIL import Image
@@ -69,22 +69,25 @@ def _sources() -> list[tuple[str, np.ndarray]]:
         assert name not in EVALUATION
         a = getattr(skimage.data, name)()
         images.append((name, _as_rgb_uint8(a[0] if name == "stereo_motorcycle" else a)))
-    for k, face in enumerate(skimage.data.lfw_subset()[:40]):
-        images.append((f"lfw{k}", _as_rgb_uint8(face)))
+    for k, face in enumerate(skimage.data.lfw_subset()[faces]):
+        images.append((f"lfw{k + (faces.start or 0)}", _as_rgb_uint8(face)))
     hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     images.append(("grace_hopper", np.asarray(Image.open(hopper).convert("RGB"))))
     return images
 
 
 def photos(count: int = COUNT, seed: int = 0) -> Path:
-    """A folder of ``count`` JPEG crops of the non-evaluation photos (made once, then cached)."""
+    """A folder of ``count`` JPEG crops of the non-evaluation photos (made once, then cached).
+
+    ``seed`` 0 (calibration) crops the faces ``lfw_subset()[:40]``; any other seed (selection sets,
+    :func:`nudenet_selection`) the faces ``[40:80]``, so the two share no face."""
     from PIL import Image
 
     folder = CACHE / f"photos_{count}_{seed}"
     if folder.is_dir() and len(list(folder.glob("*.jpg"))) == count:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    sources = _sources()
+    sources = _sources(slice(0, 40) if seed == 0 else slice(40, 80))
     rng = np.random.default_rng(seed)
     for i in range(count):
         name, a = sources[rng.integers(len(sources))]
@@ -156,13 +159,22 @@ def _bgr(path: Path) -> np.ndarray:
     return cv2.imread(str(path))
 
 
-def nudenet():
+def nudenet(count: int = COUNT, seed: int = 0):
     """NudeNet 320n inputs (``images``: 1 x 3 x 320 x 320) of the photo crops, by NudeNet's own preprocessing."""
     from nudenet.nudenet import _read_image
 
-    for path in sorted(photos().glob("*.jpg")):
+    for path in sorted(photos(count, seed).glob("*.jpg")):
         blob = _read_image(str(path), 320)[0]
         yield {"images": np.ascontiguousarray(blob, dtype=np.float32)}
+
+
+#: samples of the selection sets (the held-out ``--data`` of ``onnxfactor search``)
+SELECTION = int(os.environ.get("ONNXFACTOR_SELECTION_COUNT", "128"))
+
+
+def nudenet_selection():
+    """Held-out NudeNet inputs for choosing a model (``search --data``): other crops, other faces (seed 1)."""
+    yield from nudenet(SELECTION, seed=1)
 
 
 class _Recorder:
@@ -179,7 +191,7 @@ class _Recorder:
         return getattr(self.session, name)
 
 
-def _recorded_ppocr(kind: str, count: int = COUNT):
+def _recorded_ppocr(kind: str, count: int = COUNT, seed: int = 0):
     """Run the original RapidOCR engine on text pages (and some photos) and yield the det or rec inputs it fed."""
     from rapidocr_onnxruntime import RapidOCR
 
@@ -188,8 +200,8 @@ def _recorded_ppocr(kind: str, count: int = COUNT):
         recorder = engine.text_det.infer = _Recorder(engine.text_det.infer)
     else:
         recorder = engine.text_rec.session = _Recorder(engine.text_rec.session)
-    pages = sorted(text_pages(count).glob("*.png"))
-    extra = sorted(photos(max(8, count // 8)).glob("*.jpg"))
+    pages = sorted(text_pages(count, seed).glob("*.png"))
+    extra = sorted(photos(max(8, count // 8), seed).glob("*.jpg"))
     for path in pages + extra:
         engine(_bgr(path))
         while recorder.inputs:
@@ -204,6 +216,16 @@ def ppocr_det():
 def ppocr_rec():
     """PP-OCRv4 rec inputs (``x``: n x 3 x 48 x W) of the text lines the detector finds on the pages."""
     yield from _recorded_ppocr("rec")
+
+
+def ppocr_det_selection():
+    """Held-out PP-OCRv4 det inputs (``search --data``): other pages and crops (seed 1)."""
+    yield from _recorded_ppocr("det", max(8, SELECTION // 4), seed=1)
+
+
+def ppocr_rec_selection():
+    """Held-out PP-OCRv4 rec inputs (``search --data``): the lines of other pages (seed 1)."""
+    yield from _recorded_ppocr("rec", max(8, SELECTION // 4), seed=1)
 
 
 if __name__ == "__main__":

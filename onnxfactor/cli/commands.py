@@ -69,6 +69,7 @@ def compress(
     labels: opt.Labels = False,
     deterministic: opt.Deterministic = False,
     data: opt.Data = None,
+    metric: opt.Metric = None,
     allow_overlap: opt.AllowOverlap = False,
     image_size: opt.ImageSize = None,
     resize: opt.Resize = opt.ResizeMode.stretch,
@@ -122,7 +123,7 @@ def compress(
     images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
     validation = None if no_validate else ValidationOptions(
         data=data, images=images, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
-        latency_runs=latency_runs, max_rel_error=max_rel_error,
+        latency_runs=latency_runs, max_rel_error=max_rel_error, metric=_metric(metric),
     )
     render = Renderer(quiet=quiet)
     with render.progress("decomposing") as progress:
@@ -134,6 +135,13 @@ def compress(
                                       stage_size=stage_size if iterative else None) if finetune else None,
         )
     render.compress_report(result)
+
+
+def _metric(spec):
+    """The ``--metric`` loaded now (a bad script fails before any long work), or None."""
+    from onnxfactor.validation.metric import as_metric
+
+    return as_metric(spec)
 
 
 def _finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic, stage_size=None):
@@ -160,6 +168,7 @@ def finetune(
     deterministic: opt.Deterministic = False,
     seed: opt.Seed = 0,
     data: opt.Data = None,
+    metric: opt.Metric = None,
     allow_overlap: opt.AllowOverlap = False,
     image_size: opt.ImageSize = None,
     resize: opt.Resize = opt.ResizeMode.stretch,
@@ -183,7 +192,7 @@ def finetune(
         raise UsageError("fine-tuning needs data: give --calibration DATA (an .npz, an image folder or script.py[:function])")
     images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
     validation = None if no_validate else ValidationOptions(data=data, images=images, seed=seed, provider=provider, threads=threads,
-                                                            latency_runs=latency_runs)
+                                                            latency_runs=latency_runs, metric=_metric(metric))
     config = _finetune_config(epochs, steps, lr, batch_size, device, train, labels, seed, deterministic)
     render = Renderer()
     with render.progress("fine-tuning") as progress:
@@ -266,6 +275,7 @@ def validate(
     compressed_model: Path = typer.Argument(..., help="The model to compare against ORIGINAL_MODEL.", show_default=False),
     input_shape: opt.InputShapes = None,
     data: opt.Data = None,
+    metric: opt.Metric = None,
     image_size: opt.ImageSize = None,
     resize: opt.Resize = opt.ResizeMode.stretch,
     scale: opt.Scale = 1 / 255,
@@ -287,6 +297,7 @@ def validate(
     options = ValidationOptions(
         data=data, images=image_spec(image_size, resize, scale, mean, std, channel_order, layout), seed=seed,
         max_samples=max_samples, provider=provider, threads=threads, latency_runs=latency_runs, max_rel_error=max_rel_error,
+        metric=_metric(metric),
     )
     result = validate_files(original_model, compressed_model, options=options, input_shapes=_shapes(input_shape), report_path=report)
     Renderer().validation(result.to_dict())

@@ -122,6 +122,16 @@ Data = Annotated[
         show_default=False,
     ),
 ]
+Metric = Annotated[
+    Optional[str],
+    typer.Option(
+        "--metric", metavar="FILE.py[:FUNCTION]",
+        help="A task metric judged on --data: FUNCTION(original_outputs, compressed_outputs) -> a score per sample "
+        "(or per batch), 1.0 = the same answer (default function score). Reported, warned on below 0.9, and what "
+        "search's --min-agreement applies to.",
+        show_default=False,
+    ),
+]
 Calibration = Annotated[
     Optional[str],
     typer.Option(

@@ -132,6 +132,8 @@ class Renderer:
         self.console.print(table)
         if v.get("accuracy_original") is not None:
             self.console.print(f"accuracy {v['accuracy_original']:.4f} -> {v['accuracy_compressed']:.4f}")
+        if v.get("task_metric") is not None:
+            self.console.print(f"task metric {escape(v['task_metric_name'])}: {v['task_metric']:.4f}")
         lo, lc = v.get("latency_original"), v.get("latency_compressed")
         if lo and lc:
             self.console.print(

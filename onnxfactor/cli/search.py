@@ -44,7 +44,8 @@ def search(
     data: opt.Data = None,
     max_samples: opt.MaxSamples = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", metavar="PTS", help="Requirement: top-1 accuracy on --data (labels) at most PTS points below the original's.", show_default=False, min=0.0)] = None,
-    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Requirement: top-1 agreement with the original on --data at least this.", show_default=False, min=0.0, max=1.0)] = None,
+    min_agreement: Annotated[Optional[float], typer.Option("--min-agreement", help="Requirement: agreement with the original on --data at least this: the --metric score when given, else top-1 agreement.", show_default=False, min=0.0, max=1.0)] = None,
+    metric: opt.Metric = None,
     max_rel_error: Annotated[Optional[float], typer.Option("--max-rel-error", help="Requirement: every output's relative L2 error on --data at most this.", show_default=False, min=0.0)] = None,
     max_weight_mb: Annotated[Optional[float], typer.Option("--max-weight-mb", help="Requirement: initializer bytes at most this (10^6 bytes).", show_default=False, min=0.0)] = None,
     max_params: Annotated[Optional[int], typer.Option("--max-params", help="Requirement: model parameters at most this.", show_default=False, min=1)] = None,
@@ -89,7 +90,7 @@ def search(
     """Search per-layer ranks (or global settings) for the best model meeting the requirements; exit 7 if none does."""
     import dataclasses
 
-    from onnxfactor.cli.commands import _calibration_config, _finetune_config, _shapes, image_spec
+    from onnxfactor.cli.commands import _calibration_config, _finetune_config, _metric, _shapes, image_spec
     from onnxfactor.config import CompressConfig
     from onnxfactor.errors import UsageError
     from onnxfactor.pipeline import ValidationOptions
@@ -121,7 +122,7 @@ def search(
                           max_evaluations=max_evaluations, latency_runs=latency_runs, threads=threads)
     base = dataclasses.replace(CompressConfig(nodes=tuple(node or ()), exclude=tuple(exclude or ()), include_linear=include_linear),
                                calibration=_calibration_config(calibration_samples, "data", True, 0, 1024.0, provider))
-    held_out = ValidationOptions(data=data, images=images, max_samples=max_samples, provider=provider)
+    held_out = ValidationOptions(data=data, images=images, max_samples=max_samples, provider=provider, metric=_metric(metric))
     full = _finetune_config(epochs, None, lr, batch_size, None, "factors", False, 0, False) if finetune else None
     brief = dataclasses.replace(full, steps=search_steps) if finetune and search_steps else None
     render = Renderer(quiet=quiet)

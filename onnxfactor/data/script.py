@@ -29,26 +29,29 @@ from .source import Batch, FeedSource
 DEFAULT_FUNCTION = "load_data"
 
 
-def parse_script(text: str) -> tuple[Path, str] | None:
-    """``"loader.py:make"`` -> (Path("loader.py"), "make"); ``"loader.py"`` -> (..., "load_data"); None otherwise."""
+def parse_script(text: str, default: str = DEFAULT_FUNCTION) -> tuple[Path, str] | None:
+    """``"loader.py:make"`` -> (Path("loader.py"), "make"); ``"loader.py"`` -> (..., ``default``); None otherwise."""
     base, sep, function = text.rpartition(":")
     if sep and base.lower().endswith(".py") and function.isidentifier():
         return Path(base), function
     if text.lower().endswith(".py"):
-        return Path(text), DEFAULT_FUNCTION
+        return Path(text), default
     return None
 
 
-def _error(e: BaseException) -> str:
+def script_error(e: BaseException) -> str:
+    """``ExceptionType: first line`` of an exception raised by user code."""
     return f"{type(e).__name__}: {first_line(e)}"
 
 
-def _import(path: Path, label: str, flag: str) -> ModuleType:
+def import_script(path: Path, label: str, flag: str, kind: str = "data-loader script") -> ModuleType:
+    """Import the Python file ``path`` by path (its folder on ``sys.path`` during the import); an
+    exception on import becomes one :class:`UsageError` line naming ``kind``, ``label`` and ``flag``."""
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
     name = f"_onnxfactor_loader_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise UsageError(f"data-loader script {label} cannot be imported as a Python file ({flag})")
+        raise UsageError(f"{kind} {label} cannot be imported as a Python file ({flag})")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses, pickling and typing in the script look the module up here
     folder = str(path.parent)
@@ -60,7 +63,7 @@ def _import(path: Path, label: str, flag: str) -> ModuleType:
         raise
     except BaseException as e:  # noqa: BLE001 - user code may raise anything, SystemExit included
         sys.modules.pop(name, None)
-        raise UsageError(f"data-loader script {label} failed on import: {_error(e)} (fix the script given to {flag})") from None
+        raise UsageError(f"{kind} {label} failed on import: {script_error(e)} (fix the script given to {flag})") from None
     finally:
         try:
             sys.path.remove(folder)
@@ -80,7 +83,7 @@ class ScriptSource(FeedSource):
         self.label = f"{self.path.name}:{function}"
         if not self.path.is_file():
             raise UsageError(f"{flag} script {str(self.path)!r} does not exist")
-        module = _import(self.path.resolve(), self.path.name, flag)
+        module = import_script(self.path.resolve(), self.path.name, flag)
         fn = getattr(module, function, None)
         if not callable(fn):
             functions = sorted(
@@ -116,7 +119,7 @@ class ScriptSource(FeedSource):
         except (KeyboardInterrupt, UsageError):
             raise
         except BaseException as e:  # noqa: BLE001 - user code may raise anything
-            raise UsageError(f"data-loader script {self.label}() failed when called: {_error(e)} (fix the script given to {self.flag})") from None
+            raise UsageError(f"data-loader script {self.label}() failed when called: {script_error(e)} (fix the script given to {self.flag})") from None
         if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
             hint = "; return a list of feed dicts (or yield them)" if isinstance(result, Mapping) else ""
             raise UsageError(
@@ -125,13 +128,13 @@ class ScriptSource(FeedSource):
         try:
             return iter(result)
         except Exception as e:  # noqa: BLE001 - user code may raise anything
-            raise UsageError(f"data-loader script {self.label}() returned an object that fails to iterate: {_error(e)} ({self.flag})") from None
+            raise UsageError(f"data-loader script {self.label}() returned an object that fails to iterate: {script_error(e)} ({self.flag})") from None
 
     def batches(self) -> Iterator[Batch]:
         count = 0
 
         def failure(e: BaseException, index: int) -> str:
-            return f"data-loader script {self.label} failed while yielding batch {index}: {_error(e)} (fix the script given to {self.flag})"
+            return f"data-loader script {self.label} failed while yielding batch {index}: {script_error(e)} (fix the script given to {self.flag})"
 
         for batch in checked_batches(self._items(), self.inputs, source=self.path.name, fix=f"the script given to {self.flag}", failure=failure):
             count += batch.size

@@ -94,7 +94,7 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
             agreements = [o.top1_agreement for o in vr.outputs if o.top1_agreement is not None]
             record["held_out"] = {"top1_agreement": min(agreements) if agreements else None,
                                   "accuracy": vr.accuracy_compressed, "accuracy_original": vr.accuracy_original,
-                                  "worst_rel_l2": vr.worst_rel_l2}
+                                  "worst_rel_l2": vr.worst_rel_l2, "task_metric": vr.task_metric}
         record["seconds"] = round(time.perf_counter() - t, 2)
         stages.append(record)
         if progress is not None:
@@ -122,6 +122,8 @@ def stage_summary(record: dict) -> str:
         parts.append(f"held-out agreement {held['top1_agreement']:.4f}")
     if held.get("accuracy") is not None:
         parts.append(f"accuracy {held['accuracy']:.2%}")
+    if held.get("task_metric") is not None:
+        parts.append(f"task metric {held['task_metric']:.4f}")
     return ", ".join(parts)
 
 

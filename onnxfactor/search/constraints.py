@@ -1,8 +1,9 @@
 """A user's requirements on the searched model, and which of them a measured candidate violates.
 
 Accuracy-like constraints are measured on the held-out data (``--data``): ``max_accuracy_drop``
-(top-1 points, needs labels), ``min_agreement`` (top-1 agreement with the original, the worst
-classifier-like output), ``max_rel_error`` (the worst output's relative L2 error). Size
+(top-1 points, needs labels), ``min_agreement`` (agreement with the original: the task metric's
+mean score when ``--metric`` is given, else top-1 agreement of the worst classifier-like output),
+``max_rel_error`` (the worst output's relative L2 error). Size
 constraints are exact counts of the built model: ``max_weight_mb`` (initializer bytes, 10^6),
 ``max_params``, ``max_macs`` (conv MACs per sample, plus linear layers' when included). Speed:
 ``target_speedup`` / ``max_latency_ms``, ONNX Runtime end to end, interleaved with the original.
@@ -56,6 +57,11 @@ def check_constraints(c: Constraints, *, labels: bool) -> None:
         raise UsageError("give one latency requirement: --target-speedup or --max-latency-ms, not both")
 
 
+def agreement_of(m: dict) -> float | None:
+    """What ``min_agreement`` applies to: the task metric when measured, else top-1 agreement."""
+    return m["task_metric"] if m.get("task_metric") is not None else m.get("agreement")
+
+
 def violations(c: Constraints, m: dict) -> list[str]:
     """The requirements measured figures ``m`` (a candidate's result) do not meet, as short phrases."""
     out = []
@@ -71,7 +77,7 @@ def violations(c: Constraints, m: dict) -> list[str]:
     if m.get("accuracy_original") is not None and m.get("accuracy") is not None:
         drop = 100.0 * (m["accuracy_original"] - m["accuracy"])
     bad(drop, c.max_accuracy_drop, True, "accuracy drop (points)")
-    bad(m.get("agreement"), c.min_agreement, False, "top-1 agreement")
+    bad(agreement_of(m), c.min_agreement, False, "task metric" if m.get("task_metric") is not None else "top-1 agreement")
     bad(m.get("rel_error"), c.max_rel_error, True, "relative output error")
     bad(None if m.get("weight_bytes") is None else m["weight_bytes"] / 1e6, c.max_weight_mb, True, "weight MB")
     bad(m.get("params"), c.max_params, True, "parameters")

@@ -10,7 +10,8 @@ A candidate is a JSON-able ``spec``:
 :func:`evaluate` builds it with the full pipeline (calibration statistics computed once by the
 search and shipped to the workers; data-aware factors; the sequential correction; optionally a
 brief fine-tuning), then compares it with the original on the held-out data in ONNX Runtime:
-accuracy, top-1 agreement, worst relative L2 error, and interleaved end-to-end latency. The
+accuracy, top-1 agreement, the task metric (``--metric``), worst relative L2 error, and
+interleaved end-to-end latency. The
 candidate's layers are chosen by MACs (no per-layer timing inside a candidate), so that the
 result depends on the spec alone and the pool, Ray and the cache agree; speed is judged on the
 whole model. Figures that are deterministic (everything but latency) are what the tests compare.
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: bump when the figures :func:`evaluate` returns change meaning (invalidates caches)
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def evaluate(spec: dict, ctx: Context, *, model_out: Path | None = None) -> dict
         "accuracy": vr.accuracy_compressed,
         "accuracy_original": vr.accuracy_original,
         "agreement": min(agreements) if agreements else None,
+        "task_metric": vr.task_metric,
         "rel_error": vr.worst_rel_l2,
         "speedup": vr.speedup,
         "latency_ms": None if vr.latency_compressed is None else vr.latency_compressed.median_ms,

@@ -33,6 +33,8 @@ def _pyplot():
 def _quality(c: dict) -> tuple[float | None, str]:
     if c.get("accuracy") is not None:
         return 100 * c["accuracy"], "held-out top-1 accuracy (%)"
+    if c.get("task_metric") is not None:
+        return c["task_metric"], "held-out task metric"
     return c.get("agreement"), "held-out top-1 agreement"
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from onnxfactor.errors import ConstraintsNotMet, UsageError
 from onnxfactor.search.allocate import pareto_allocations
-from onnxfactor.search.constraints import OBJECTIVES, Constraints, check_constraints, objective_value, violations
+from onnxfactor.search.constraints import OBJECTIVES, Constraints, agreement_of, check_constraints, objective_value, violations
 from onnxfactor.search.evaluate import Context
 from onnxfactor.search.executor import Cache, Executor, default_jobs
 from onnxfactor.search.space import FRACTIONS, WEAKEN, grid_specs, layer_spec, sensitivity
@@ -91,6 +91,16 @@ def _file_hash(path) -> str:
     return h.hexdigest()[:24]
 
 
+def _metric_identity(metric) -> str | None:
+    """The task metric's name and, for a script, its file's content (an edited metric misses the cache)."""
+    if metric is None:
+        return None
+    spec = getattr(metric, "spec", metric)
+    if isinstance(spec, str):
+        return f"{spec.rpartition(':')[2]}:{_file_hash(Path(spec.rpartition(':')[0]))}"
+    return f"{getattr(spec, '__module__', '')}.{getattr(spec, '__qualname__', repr(spec))}"
+
+
 def _identity(thing) -> str:
     """A content identity of a data argument (file hash of paths, repr otherwise)."""
     try:
@@ -129,7 +139,7 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
     folder = Path(config.cache) if config.cache is not None else None
     stats_file = _stats_file(stats, folder)
     identity = {"model": _file_hash(model), "calibration": _identity(calibration), "held_out": _identity(held_out.data),
-                "max_samples": held_out.max_samples, "base": repr(base), "finetune": repr(finetune),
+                "max_samples": held_out.max_samples, "metric": _metric_identity(held_out.metric), "base": repr(base), "finetune": repr(finetune),
                 "input_shapes": repr(input_shapes), "latency_runs": config.latency_runs}
     ctx = Context(model=model, base=base, held_out=held_out, input_shapes=input_shapes, stats_file=stats_file,
                   threads=config.threads, latency_runs=config.latency_runs, finetune=finetune,
@@ -280,7 +290,7 @@ def _excess(c: Constraints, m: dict) -> float:
     pairs = [
         (None if m.get("accuracy") is None or m.get("accuracy_original") is None else 100 * (m["accuracy_original"] - m["accuracy"]),
          c.max_accuracy_drop, True),
-        (m.get("agreement"), c.min_agreement, False), (m.get("rel_error"), c.max_rel_error, True),
+        (agreement_of(m), c.min_agreement, False), (m.get("rel_error"), c.max_rel_error, True),
         (None if m.get("weight_bytes") is None else m["weight_bytes"] / 1e6, c.max_weight_mb, True),
         (m.get("params"), c.max_params, True), (m.get("macs"), c.max_macs, True),
         (m.get("speedup"), c.target_speedup, False), (m.get("latency_ms"), c.max_latency_ms, True),
@@ -334,8 +344,8 @@ def _report(progress, done: int, total: int, r: dict) -> None:
     parts = [describe(r["spec"]), f"MACs {r['macs_original'] / max(r['macs'], 1):.2f}x" if r.get("macs") else ""]
     if acc is not None:
         parts.append(f"accuracy {acc:.2%}")
-    elif r.get("agreement") is not None:
-        parts.append(f"agreement {r['agreement']:.4f}")
+    elif agreement_of(r) is not None:
+        parts.append(f"{'task metric' if r.get('task_metric') is not None else 'agreement'} {agreement_of(r):.4f}")
     if r.get("speedup"):
         parts.append(f"{r['speedup']:.2f}x measured")
     parts.append("meets all" if not r["violations"] else f"misses {r['violations'][0]}")

@@ -31,6 +31,7 @@ import onnx
 from onnxfactor.errors import InputModelError, UsageError, ValidationFailed
 # Relative imports within this package: it can be renamed without edits here.
 from .inputs import InputSet
+from .metric import MetricAccumulator, TaskMetric
 from .providers import make_session
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class ValidationResult:
     accuracy_compressed: float | None = None
     latency_original: LatencyStats | None = None
     latency_compressed: LatencyStats | None = None
+    task_metric: float | None = None       # mean score of --metric (onnxfactor.validation.metric)
+    task_metric_name: str | None = None
 
     @property
     def worst_rel_l2(self) -> float:
@@ -104,6 +107,8 @@ class ValidationResult:
         agreements = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
         if agreements and min(agreements) < WARN_TOP1_AGREEMENT:
             reasons.append(f"top-1 agreement {min(agreements):.3f} (< {WARN_TOP1_AGREEMENT:g})")
+        if self.task_metric is not None and not self.task_metric >= WARN_TOP1_AGREEMENT:
+            reasons.append(f"task metric {self.task_metric_name} {self.task_metric:.3f} (< {WARN_TOP1_AGREEMENT:g})")
         worst = self.worst_rel_l2
         if not worst <= WARN_REL_L2:  # NaN too
             reasons.append(f"worst output relative L2 error {worst:.3g} (> {WARN_REL_L2:g})")
@@ -345,8 +350,10 @@ def validate(
     providers: list[str],
     threads: int | None = None,
     latency_runs: int = 50,
+    metric: TaskMetric | None = None,
 ) -> ValidationResult:
-    """Run both models on ``inputs`` and compare outputs, accuracy (with labels) and latency.
+    """Run both models on ``inputs`` and compare outputs, accuracy (with labels), ``metric`` (a
+    :class:`~onnxfactor.validation.metric.TaskMetric`, batch by batch) and latency.
 
     Sessions are made with ``measuring=True`` and identical options. Batches are read one at a time
     and outputs compared batch by batch (see the module docstring), so a large image folder is never
@@ -366,6 +373,7 @@ def validate(
             f"compare a model with its own compressed version"
         )
     comparison = _Comparison(names_o)
+    task = None if metric is None else MetricAccumulator(metric)
     # Streamed: only the current batch and the first one (for the latency runs) are held.
     first = None
     samples = 0
@@ -374,7 +382,10 @@ def validate(
         feeds = batch.feeds
         if first is None:
             first = feeds
-        comparison.add(_run(session_o, feeds, "original", inputs.source), _run(session_c, feeds, "compressed", inputs.source))
+        out_o, out_c = _run(session_o, feeds, "original", inputs.source), _run(session_c, feeds, "compressed", inputs.source)
+        comparison.add(out_o, out_c)
+        if task is not None:
+            task.add(out_o, out_c, batch.size)
         samples += batch.size
         if batch.labels is not None:
             labels.append(batch.labels)
@@ -391,4 +402,6 @@ def validate(
         accuracy_compressed=accuracy_c,
         latency_original=latency_o,
         latency_compressed=latency_c,
+        task_metric=None if task is None else task.result(),
+        task_metric_name=None if metric is None else metric.name,
     )

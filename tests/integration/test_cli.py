@@ -525,6 +525,27 @@ def test_validate(compressed):
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     assert o["cosine"] == pytest.approx(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)), rel=1e-9)
 
+    # a task metric: here each sample's relative L2 error, averaged over the samples
+    (work / "per_sample.py").write_text(
+        "import numpy as np\n"
+        "def score(original, compressed):\n"
+        "    (a,), (b,) = original.values(), compressed.values()\n"
+        "    d = (a - b).reshape(len(a), -1)\n"
+        "    return np.linalg.norm(d, axis=1) / np.linalg.norm(a.reshape(len(a), -1), axis=1)\n"
+        "def broken(original, compressed):\n"
+        "    return original['no such output']\n")
+    proc = cli("validate", "tiny.onnx", "out.onnx", "--data", "data.npz", "--metric", "per_sample.py", "--report", "m.json",
+               "--latency-runs", "0", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    flat_a, flat_b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    expected = np.mean(np.linalg.norm(flat_a - flat_b, axis=1) / np.linalg.norm(flat_a, axis=1))
+    assert json.loads((work / "m.json").read_text())["task_metric"] == pytest.approx(expected, rel=1e-5)
+    assert f"task metric per_sample.py:score: {expected:.4f}" in proc.stdout
+    assert_user_error(cli("validate", "tiny.onnx", "out.onnx", "--metric", "per_sample.py:broken", cwd=work), 2,
+                      "metric per_sample.py:broken failed: KeyError")
+    assert_user_error(cli("compress", "tiny.onnx", "o2.onnx", "--metric", "missing.py", cwd=work), 2, "--metric script", "does not exist")
+    assert not (work / "o2.onnx").exists()
+
     # Default inputs: standard normal from default_rng(seed 0), dynamic batch axis -> 1.
     proc = cli("validate", "tiny.onnx", "out.onnx", "--max-rel-error", "1e-9", "--report", "v0.json", "--latency-runs", "0", cwd=work)
     assert_user_error(proc, 3, "exceeds --max-rel-error 1e-09")

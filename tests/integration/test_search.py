@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,13 +15,23 @@ from onnxfactor.search import Constraints, SearchConfig, search
 from onnxfactor.search.evaluate import Context, config_for
 from onnxfactor.search.executor import Executor
 from onnxfactor.search.space import grid_specs
+from onnxfactor.validation.metric import TaskMetric
 from tests.conftest import MODELS
 from tests.integration.test_cli import assert_user_error, cli
 
 MODEL = MODELS / "fashion_cnn.onnx"
 CALIB = MODELS / "fashion_mnist_calib.npz"
 BASE = CompressConfig(exclude=("/0/Conv",), calibration=CalibrationConfig(samples=256))
-DETERMINISTIC = ("accuracy", "accuracy_original", "agreement", "rel_error", "macs", "params", "weight_bytes", "layers")
+DETERMINISTIC = ("accuracy", "accuracy_original", "agreement", "task_metric", "rel_error", "macs", "params", "weight_bytes", "layers")
+TOP1_METRIC = """
+import numpy as np
+
+def score(original, compressed):
+    return original["logits"].argmax(1) == compressed["logits"].argmax(1)
+
+def half(original, compressed):
+    return 0.5
+"""
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +98,9 @@ def test_pool_and_ray_return_the_same_candidates(tmp_path, held_out):
     import pickle
 
     (tmp_path / "stats.pkl").write_bytes(pickle.dumps(stats))
+    # a task metric (here top-1 agreement rewritten by hand) travels to the pool's and Ray's workers by path
+    (tmp_path / "top1.py").write_text(TOP1_METRIC)
+    held_out = dataclasses.replace(held_out, metric=TaskMetric(str(tmp_path / "top1.py")))
     ctx = Context(model=MODEL, base=BASE, held_out=held_out, stats_file=tmp_path / "stats.pkl", threads=1, latency_runs=1)
     specs = grid_specs(("tucker2",), (0.25, 0.5), (), round_to=(1,))
     serial = Executor(ctx, jobs=1).run(specs)
@@ -101,6 +115,7 @@ def test_pool_and_ray_return_the_same_candidates(tmp_path, held_out):
     for a, b, c in zip(serial, pooled, rayed):
         assert a["spec"] == b["spec"] == c["spec"]
         assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC} == {k: c[k] for k in DETERMINISTIC}
+        assert a["task_metric"] == pytest.approx(a["agreement"], abs=1e-12) and 0.5 < a["task_metric"] < 1.0
     assert serial[0]["accuracy"] < serial[1]["accuracy"] + 0.02 and serial[0]["macs"] < serial[1]["macs"]
 
 
@@ -111,6 +126,10 @@ def test_infeasible_requirements_exit_7_without_a_model(tmp_path, held_out):
     assert_user_error(proc, 7, "--max-params")
     proc = cli("search", MODEL, "out.onnx", *common, "--min-agreement", "1.0", "--max-evaluations", "2", "--report", "r.json", cwd=tmp_path)
     assert_user_error(proc, 7, "top-1 agreement")
+    (tmp_path / "metric.py").write_text(TOP1_METRIC)
+    proc = cli("search", MODEL, "out.onnx", *common, "--metric", "metric.py:half", "--min-agreement", "0.9", "--max-evaluations", "1",
+               cwd=tmp_path)
+    assert_user_error(proc, 7, "task metric 0.5 (< 0.9)")
     assert not (tmp_path / "out.onnx").exists()
     assert json.loads((tmp_path / "r.json").read_text())["winner"] is None
     proc = cli("search", MODEL, "best.onnx", *common, "--min-agreement", "1.0", "--max-evaluations", "1", "--write-best", cwd=tmp_path)
