@@ -7,7 +7,7 @@ sensitivity curves from the data-aware output error, the Pareto front of per-lay
 bisection of built and measured candidates judged by a *task metric* on a held-out selection set
 (``--metric``, ``--min-agreement``):
 
-* NudeNet 320n: ``tools/metrics/yolo_detections.py`` (every detection matched by class, IoU >= 0.9,
+* NudeNet 320n: ``tools/metrics/yolo_detections.py`` (every detection scoring >= 0.3 matched by class, IoU >= 0.9,
   score within 0.05), at least ``--min-detections`` agreement on 128 selection crops;
 * PP-OCRv4 rec: ``tools/metrics/ppocr.py:rec_text`` (identical CTC-decoded text) on the lines of
   32 selection pages; PP-OCRv4 det: ``tools/metrics/ppocr.py:det_regions`` (IoU of the binarised
@@ -27,6 +27,11 @@ Runtime's two threads, as the engines run. The same search from the command line
 
     python tools/bench_clients_search.py                 # the three searches and the engines (~30 min)
     python tools/bench_clients_search.py --models nudenet
+    python tools/bench_clients_search.py --models nudenet --finetune-steps 64 --finetune-epochs 2   # + distillation
+
+``--finetune-steps S``: every candidate is distilled from the original for S steps (batch 8, Adam
+``--lr`` 1e-4, label-free, on the calibration inputs) before it is judged, and the winner for
+``--finetune-epochs`` (``onnxfactor search --finetune --search-steps S --epochs E``).
 """
 
 from __future__ import annotations
@@ -73,6 +78,12 @@ def run_search(name: str, args, work: Path) -> dict:
                           latency_runs=args.latency_runs, threads=None)
     base = CompressConfig(calibration=CalibrationConfig(samples=samples, correction_samples=correction, stages=8))
     held_out = ValidationOptions(data=selection, metric=TaskMetric(metric))
+    brief = full = None
+    if args.finetune_steps:  # every candidate distilled briefly, the winner for --finetune-epochs
+        from onnxfactor.config import FinetuneConfig
+
+        brief = FinetuneConfig(steps=args.finetune_steps, batch_size=8, lr=args.lr)
+        full = FinetuneConfig(epochs=args.finetune_epochs, batch_size=8, lr=args.lr)
     t = time.perf_counter()
 
     def progress(done, total, text):
@@ -80,7 +91,8 @@ def run_search(name: str, args, work: Path) -> dict:
 
     try:
         report = search_file(clients.original_models()[name], work / f"{name}.onnx", loader, held_out, config=config, base=base,
-                             input_shapes=clients.INPUT_SHAPES[name], report_path=work / f"{name}.search.json", progress=progress)
+                             input_shapes=clients.INPUT_SHAPES[name], report_path=work / f"{name}.search.json", progress=progress,
+                             finetune=full, brief_finetune=brief)
         feasible = True
     except ConstraintsNotMet as e:
         print(f"  {name}: {e}", flush=True)
@@ -108,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-evaluations", type=int, default=8)
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--finetune-steps", type=int, default=0, help="distil every candidate for this many steps (PyTorch)")
+    p.add_argument("--finetune-epochs", type=float, default=2.0, help="with --finetune-steps: the winner's distillation")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-3 diverged on NudeNet)")
     p.add_argument("--workdir", type=Path, default=ROOT / "out" / "clients_search")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_clients_search.json")
     args = p.parse_args(argv)

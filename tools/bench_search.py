@@ -15,6 +15,13 @@ same allocation search with ``--jobs 1``, ``--jobs 2`` and on a local Ray instan
 
     python tools/bench_search.py                         # both models (~20 min)
     python tools/bench_search.py --models fashion_cnn --parallel
+    python tools/bench_search.py --models "" --weight-cap 150   # light VGG-19, convs alone vs with FC layers
+
+``--weight-cap MB``: the onnx wheel's light VGG-19 with random structured weights
+(``tools/bench_compress.py``), calibration on 16 and selection on 8 *other* seeded random images
+(the weights are not trained: there is no task to measure), requirement ``--max-weight-mb MB``
+alone, searched once over the convs and once with ``--include-linear``; prints what each reaches
+(the smallest model on its front) and the winner's measured figures.
 """
 
 from __future__ import annotations
@@ -70,6 +77,42 @@ def build(model: Path, spec: dict, stats):
         return compress(model, config=config, calibration=stats)
 
 
+def weight_cap(cap_mb: float, out: Path) -> dict:
+    """light VGG-19 under ``--max-weight-mb cap_mb``: convs only vs with the fully connected layers."""
+    from onnxfactor.config import CalibrationConfig, CompressConfig
+    from onnxfactor.errors import ConstraintsNotMet
+    from onnxfactor.pipeline import ValidationOptions
+    from onnxfactor.search import Constraints, SearchConfig, search
+    from onnxfactor.search.runner import describe
+    from tools.bench_compress import model_paths
+
+    model = model_paths(["light_vgg19"])["light_vgg19"]
+    data = {}
+    for name, n, seed in (("calib", 16, 0), ("select", 8, 1)):
+        data[name] = out / f"vgg19_random_{name}.npz"
+        if not data[name].exists():
+            x = np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)
+            np.savez(data[name], **{"data_0": x})
+    rows = {}
+    for label, linear in (("convs only", False), ("with FC layers", True)):
+        base = CompressConfig(include_linear=linear, calibration=CalibrationConfig(samples=16, correction_samples=8))
+        config = SearchConfig(constraints=Constraints(max_weight_mb=cap_mb), fractions=(0.1, 0.25, 0.5), jobs=1, threads=2,
+                              latency_runs=5, max_evaluations=4)
+        t = time.perf_counter()
+        try:
+            result = search(model, data["calib"], ValidationOptions(data=data["select"], max_samples=8), config=config, base=base)
+            w = result.winner
+            rows[label] = {"feasible": w is not None, "seconds": round(time.perf_counter() - t, 1),
+                           "smallest_on_front_mb": min((f.get("bytes", 0) for f in result.front), default=None),
+                           "winner": None if w is None else {"spec": describe(w["spec"]), "weight_mb": w["weight_bytes"] / 1e6,
+                                                             "params": w["params"], "params_original": w["params_original"],
+                                                             "rel_error": w["rel_error"], "speedup": w["speedup"]}}
+        except ConstraintsNotMet as e:
+            rows[label] = {"feasible": False, "seconds": round(time.perf_counter() - t, 1), "message": str(e)}
+        print(f"light VGG-19, --max-weight-mb {cap_mb:g}, {label}: {rows[label]}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     import onnx
 
@@ -81,10 +124,13 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", action="store_true")
     p.add_argument("--round-to", type=int, default=1, help="rank rounding of the allocation's curves")
     p.add_argument("--strategies", default="grid,allocate")
+    p.add_argument("--weight-cap", type=float, default=None, metavar="MB", help="also light VGG-19 under --max-weight-mb MB")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_search.json")
     args = p.parse_args(argv)
     select, x, y = halves(ROOT / "out")
     out = {"models": [], "parallel": None}
+    if args.weight_cap is not None:
+        out["weight_cap"] = {"cap_mb": args.weight_cap, "light_vgg19": weight_cap(args.weight_cap, ROOT / "out")}
     for name in [m for m in args.models.split(",") if m]:
         path = MODELS / f"{name}.onnx"
         original = onnx.load(str(path))

@@ -98,9 +98,12 @@ def preflight(model: onnx.ModelProto, config: CompressConfig, data):
 
 
 def finetune_or_skip(teacher: onnx.ModelProto, out: onnx.ModelProto, data, config: FinetuneConfig, **kwargs) -> dict:
-    """:func:`finetune_model` (``out`` in place); a late conversion failure is reported, not raised."""
+    """:func:`finetune_model` (``out`` in place); a late conversion failure, or a model in which no
+    layer ended up decomposed (e.g. every chain rolled back), is reported, not raised."""
     from onnxfactor.finetune.graph import ConversionError
 
+    if config.train == "factors" and not kwargs.get("extra_trainable") and not chain_tensors(out, config.train)[0]:
+        return {"skipped": "fine-tuning skipped: no layer was decomposed, so --train factors has nothing to train"}
     try:
         return finetune_model(out, teacher, data, config, **kwargs)
     except ConversionError as e:

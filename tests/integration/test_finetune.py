@@ -134,6 +134,15 @@ def test_compress_with_finetune_reports_it(tmp_path):
     onnx.checker.check_model(model, full_check=True)
 
 
+def test_compress_with_finetune_when_no_layer_is_decomposed_skips_it():
+    """Full ranks save nothing (--min-reduction keeps every Conv): nothing to train, said, not raised
+    (a search candidate of one layer whose chain is not worth it used to crash the search)."""
+    config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=1.0), calibration=CalibrationConfig(samples=32))
+    model, report = compress(MODELS / "fashion_cnn.onnx", config=config, calibration=CALIB, finetune=FinetuneConfig(steps=2, threads=1))
+    assert not report.decomposed
+    assert report.finetune["skipped"] == "fine-tuning skipped: no layer was decomposed, so --train factors has nothing to train"
+
+
 def test_finetune_without_torch_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(UsageError, match=r"pip install 'onnxfactor\[finetune\]'"):
