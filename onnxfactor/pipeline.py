@@ -462,18 +462,29 @@ def analyze(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     calibration=None,
     images=None,
+    timer=None,
 ) -> CompressReport:
     """Per layer: shapes, VBMF ranks and sigma^2, the chosen ranks and the predicted compression.
 
     Runs the same rank choice and decomposition as :func:`compress` (with ``calibration``: the
     data-aware fit, and each layer's output error on the calibration data) but rewrites nothing.
+    With a ``timer`` (:class:`onnxfactor.latency.Timer`) each Conv that would be decomposed is also
+    timed against its chain (``LayerReport.latency``), as the measured selection of ``compress``.
     """
     config = config or CompressConfig()
     prep = _prepare(model, input_shapes, include_linear=config.include_linear)
     explicit = _load_explicit(config, prep.sites, prep.linear_sites)
     calib = _calibrate(prep, config, explicit, calibration, images, None)
     decomposer = LayerDecomposer(config, explicit, prep.sites, calib)
-    layers = [decomposer.run(site)[0] for site in prep.sites]
+    layers = []
+    for site in prep.sites:
+        layer, options = decomposer.run(site)
+        if timer is not None and options and layer.reason is None:
+            from onnxfactor.latency import time_layer
+
+            opset = next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
+            layer.latency = time_layer(timer, site, options[0], opset=opset).to_dict()
+        layers.append(layer)
     if prep.linear_sites:
         layers += decompose_linear(prep.linear_sites, config, explicit, calibration=calibration, images=images,
                                    model=_runnable(prep.loaded) if calibration is not None else None)[0]

@@ -57,6 +57,8 @@ def search(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to search (tucker2, cp3, cp4, tucker3).")] = "tucker2",
     fractions: Annotated[Optional[str], typer.Option("--fractions", help="Comma-separated rank fractions of the sensitivity curves and the grid.", show_default=False)] = None,
     round_to: opt.RoundTo = 1,
+    layer_timing: Annotated[bool, typer.Option("--layer-timing", help="allocate: order the front by each layer's chain timed against its Conv in ONNX Runtime (summed ms) instead of MACs.")] = False,
+    timing_cache: opt.TimingCache = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Candidates evaluated at once in a local process pool (default: the cores, at most 4).", show_default=False, min=1)] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Evaluate candidates as Ray tasks: auto, ray://host:port, or local ([ray] extra).", show_default=False)] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Folder of evaluated candidates (content-hashed): resumes and reuses.", show_default=False)] = None,
@@ -119,7 +121,8 @@ def search(
     config = SearchConfig(constraints=constraints, objective=objective.value, strategy=strategy.value, methods=chosen,
                           fractions=_floats(fractions, "--fractions") if fractions else FRACTIONS, round_to=round_to,
                           jobs=jobs, ray_address=ray_address, cache=cache, time_budget=parse_duration(time_budget),
-                          max_evaluations=max_evaluations, latency_runs=latency_runs, threads=threads)
+                          max_evaluations=max_evaluations, latency_runs=latency_runs, threads=threads,
+                          layer_timing=layer_timing, timing_cache=timing_cache)
     base = dataclasses.replace(CompressConfig(nodes=tuple(node or ()), exclude=tuple(exclude or ()), include_linear=include_linear),
                                calibration=_calibration_config(calibration_samples, "data", True, 0, 1024.0, provider))
     held_out = ValidationOptions(data=data, images=images, max_samples=max_samples, provider=provider, metric=_metric(metric))

@@ -5,7 +5,8 @@
 1. calibration statistics, once; per-layer sensitivity curves (:mod:`onnxfactor.search.space`);
 2. for each method, the exact Pareto front of (cost, predicted loss) over per-layer choices
    (:mod:`onnxfactor.search.allocate`), the cost being the objective's (MACs for ``latency`` and
-   ``macs``, parameters for ``params``); points over a size cap (``--max-params``, ``--max-macs``,
+   ``macs``, parameters for ``params``; with ``layer_timing`` the summed measured ms of the layers,
+   each chain timed against its Conv in ONNX Runtime during the sensitivity pass); points over a size cap (``--max-params``, ``--max-macs``,
    ``--max-weight-mb``, predicted exactly from the per-layer counts) are dropped;
 3. a parallel bisection along the front, cheapest first: each round builds and measures
    ``jobs`` evenly spaced points between the cheapest known-feasible and the most expensive
@@ -62,6 +63,8 @@ class SearchConfig:
     max_evaluations: int = 16
     latency_runs: int = 30
     threads: int | None = None        # ORT threads per worker (None: cores // jobs)
+    layer_timing: bool = False        # allocate by measured per-layer ms instead of MACs (objective latency)
+    timing_cache: Path | None = None  # with layer_timing: the timing cache file (as compress --timing-cache)
 
 
 @dataclass
@@ -116,13 +119,14 @@ def _identity(thing) -> str:
 
 
 def search(model, calibration, held_out, *, config: SearchConfig | None = None, base=None, images=None, input_shapes=None,
-           finetune=None, progress=None, executor_factory=None) -> SearchResult:
+           finetune=None, progress=None, executor_factory=None, timer=None) -> SearchResult:
     """Search for the best compressed ``model`` under ``config.constraints`` (module docstring).
 
     ``held_out`` is a :class:`onnxfactor.pipeline.ValidationOptions` with data (the samples that
     report accuracy; never the calibration samples). ``finetune`` (a
     :class:`~onnxfactor.config.FinetuneConfig`) fine-tunes every candidate briefly with it.
-    ``executor_factory(ctx, cache)`` replaces the evaluator (tests: a fake one).
+    ``executor_factory(ctx, cache)`` replaces the evaluator (tests: a fake one); ``timer`` the
+    per-layer timer of ``config.layer_timing`` (tests: :class:`onnxfactor.latency.FakeTimer`).
     """
     from onnxfactor import calibrate
     from onnxfactor.config import CompressConfig
@@ -163,8 +167,11 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
                 _report(progress, len(candidates), len(specs), candidates[-1])
         else:
             t = time.perf_counter()
+            if config.layer_timing and timer is None:
+                timer = _layer_timer(config, held_out, jobs)
             curves_all, sens_rows, totals = sensitivity(model, stats, base, methods=config.methods, fractions=config.fractions,
-                                                round_to=config.round_to, input_shapes=input_shapes)
+                                                        round_to=config.round_to, input_shapes=input_shapes,
+                                                        timer=timer if config.layer_timing else None)
             seconds["sensitivity"] = round(time.perf_counter() - t, 2)
             if not curves_all:
                 from onnxfactor.errors import NothingToCompress
@@ -188,7 +195,7 @@ def run_allocation(curves_all: dict, others: dict, executor, config: SearchConfi
     so that the size caps apply to the whole model.
     """
     candidates, front_rows, exact, stopped = [], [], True, None
-    key = "params" if config.objective == "params" else "macs"
+    key = "params" if config.objective == "params" else "ms" if config.layer_timing else "macs"
     caps = {k: v - others[k] for k, v in config.constraints.caps().items()}
     for method in config.methods:
         curves = {n: [o for o in opts if o.setting is None or o.setting["method"] == method] for n, opts in curves_all.items()}
@@ -246,6 +253,24 @@ def _check(config: SearchConfig, held_out) -> None:
     check_constraints(config.constraints, labels=labels)
     if config.objective == "latency" and config.latency_runs < 1:
         raise UsageError("--objective latency needs measurements: --latency-runs >= 1")
+    if config.layer_timing and (config.strategy != "allocate" or config.objective != "latency"):
+        raise UsageError("--layer-timing orders the allocation by measured layer time: it needs --strategy allocate "
+                         "and --objective latency")
+
+
+def _layer_timer(config: SearchConfig, held_out, jobs: int):
+    """The per-layer timer of ``--layer-timing``: ONNX Runtime with the workers' threads, cached on request."""
+    from onnxfactor.latency import OrtTimer
+    from onnxfactor.validation import resolve_providers
+
+    providers = resolve_providers(held_out.provider)
+    threads = config.threads if config.threads is not None else max(1, default_jobs() // max(jobs, 1))
+    timer = OrtTimer(providers, threads)
+    if config.timing_cache is not None:
+        from onnxfactor.timing_cache import CachedTimer
+
+        timer = CachedTimer(timer, config.timing_cache, context=f"{providers}|threads={threads}")
+    return timer
 
 
 def _has_labels(held_out) -> bool:
@@ -274,7 +299,7 @@ def _fixed_costs(curves, totals) -> dict:
     """Model-wide totals outside the searched layers (their caps apply to the whole model)."""
     other_params = totals.model_params_before - sum(opts[0].costs["params"] for opts in curves.values())
     macs = totals.conv_macs_before + totals.linear_macs_before - sum(opts[0].costs["macs"] for opts in curves.values())
-    return {"params": other_params, "bytes": other_params * 4.0, "macs": macs}
+    return {"params": other_params, "bytes": other_params * 4.0, "macs": macs, "ms": 0.0}  # ms: the searched layers' sum
 
 
 def _judged(results: list[dict], config: SearchConfig) -> list[dict]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from onnxfactor.search.allocate import Option
 
 #: rank fractions of the sensitivity curves (and of the grid's ratio settings)
@@ -22,9 +24,17 @@ WEAKEN = (0.3, 0.6, 1.0)
 BYTES_PER_PARAM = 4  # float32 weights: the allocation's byte cost (the built model is measured exactly)
 
 
-def sensitivity(model, stats, base, *, methods=("tucker2",), fractions=FRACTIONS, round_to: int = 1, input_shapes=None):
+def sensitivity(model, stats, base, *, methods=("tucker2",), fractions=FRACTIONS, round_to: int = 1, input_shapes=None,
+                timer=None):
     """``(curves, rows, totals)``: per layer its :class:`Option` list, the raw figures for the report /
-    plots, and the model's totals before compression (:class:`onnxfactor.report.Totals`)."""
+    plots, and the model's totals before compression (:class:`onnxfactor.report.Totals`).
+
+    With a ``timer`` (``--layer-timing``) every option also costs ``ms``: its chain timed against
+    the Conv in ONNX Runtime at the layer's real input shape (:func:`onnxfactor.latency.time_layer`),
+    keep costing the Conv's own median over those timings; the allocation then orders the front by
+    summed measured layer time instead of MACs (small ranks buy little speed on memory-bound 1x1s).
+    Only the Convs are timed: linear layers (``--include-linear``) cost ``ms`` in proportion to their
+    MACs at the timed Convs' mean ms per MAC."""
     from onnxfactor.config import RankConfig
     from onnxfactor.pipeline import analyze
 
@@ -36,7 +46,7 @@ def sensitivity(model, stats, base, *, methods=("tucker2",), fractions=FRACTIONS
         for f in fractions:
             config = dataclasses.replace(base, method=method, latency=None,
                                          ranks=RankConfig(policy="ratio", ratio=f, round_to=round_to))
-            report = analyze(model, config=config, calibration=stats, input_shapes=input_shapes)
+            report = analyze(model, config=config, calibration=stats, input_shapes=input_shapes, timer=timer)
             totals = totals or report.totals
             for layer in report.layers:
                 if layer.macs_before is None:
@@ -45,21 +55,35 @@ def sensitivity(model, stats, base, *, methods=("tucker2",), fractions=FRACTIONS
                 if layer.status != "would decompose":
                     continue
                 error = layer.output_error if layer.output_error is not None else layer.rel_reconstruction_error
+                timing = layer.latency or {}
                 rows.append({"layer": layer.name, "method": method, "fraction": f, "ranks": layer.ranks, "output_error": error,
                              "weight_error": layer.rel_reconstruction_error, "macs": layer.macs_after, "params": layer.params_after,
-                             "macs_before": layer.macs_before, "params_before": layer.params_before})
+                             "macs_before": layer.macs_before, "params_before": layer.params_before,
+                             "chain_ms": timing.get("chain_ms"), "original_ms": timing.get("original_ms")})
                 curves.setdefault(layer.name, []).append(Option(
                     layer.name, {"method": method, "ranks": layer.ranks}, float(error) ** 2,
-                    _costs(layer.macs_after, layer.params_after), label=f"{method}@{f:g}"))
+                    _costs(layer.macs_after, layer.params_after, timing.get("chain_ms")), label=f"{method}@{f:g}"))
+    conv_ms = {}
+    for r in rows:
+        if r["original_ms"] is not None:
+            conv_ms.setdefault(r["layer"], []).append(r["original_ms"])
+    conv_ms = {name: float(np.median(v)) for name, v in conv_ms.items()}
+    per_mac = sum(conv_ms.values()) / max(sum(before[n][0] for n in conv_ms), 1) if conv_ms else None
     for name, options in curves.items():
         macs, params = before[name]
-        options.insert(0, Option(name, None, 0.0, _costs(macs, params), label="keep"))
+        options.insert(0, Option(name, None, 0.0, _costs(macs, params, conv_ms.get(name)), label="keep"))
+        if timer is not None:  # untimed options (linear layers) by the timed Convs' ms per MAC
+            options = [o if "ms" in o.costs else dataclasses.replace(o, costs={**o.costs, "ms": o.costs["macs"] * (per_mac or 0.0)})
+                       for o in options]
         curves[name] = _deduplicated(options)
     return curves, rows, totals
 
 
-def _costs(macs: int, params: int) -> dict:
-    return {"macs": float(macs), "params": float(params), "bytes": float(params * BYTES_PER_PARAM)}
+def _costs(macs: int, params: int, ms: float | None = None) -> dict:
+    costs = {"macs": float(macs), "params": float(params), "bytes": float(params * BYTES_PER_PARAM)}
+    if ms is not None:
+        costs["ms"] = float(ms)
+    return costs
 
 
 def _deduplicated(options: list[Option]) -> list[Option]:

@@ -165,3 +165,32 @@ def test_sensitivity_curves_cover_linear_layers_with_include_linear():
     assert totals.linear_macs_before == sum(curves[n][0].costs["macs"] for n in ("/16/Gemm", "/18/Gemm"))
     conv_only, _, _ = sensitivity(MODEL, None, BASE, fractions=(0.5,))
     assert not any(name.endswith("Gemm") for name in conv_only)
+
+
+def test_layer_timing_costs_come_from_the_timer_and_change_the_front():
+    """``--layer-timing``: each (layer, fraction) chain is timed against its Conv; the allocation over
+    measured ms drops chains that save MACs but not time (a fake timer whose nodes cost 2 ms each)."""
+    from onnxfactor import calibrate
+    from onnxfactor.latency import FakeTimer, macs_cost
+    from onnxfactor.search.allocate import pareto_allocations
+    from onnxfactor.search.space import sensitivity
+
+    def cost(model):
+        return macs_cost(model, per_mac_ms=1e-6, per_node_ms=2.0)
+
+    stats = calibrate(MODEL, CALIB, config=BASE)
+    timer = FakeTimer(cost=cost)
+    curves, rows, _ = sensitivity(MODEL, stats, BASE, fractions=(0.3, 0.6), timer=timer)
+    assert len(timer.calls) == len(rows) > 0  # one timing per (layer, fraction) that would decompose
+    assert [r["chain_ms"] for r in rows] == pytest.approx([cost(b) for _, b, _ in timer.calls])
+    assert [r["original_ms"] for r in rows] == pytest.approx([cost(a) for a, _, _ in timer.calls])
+    for name, options in curves.items():
+        keep = options[0]
+        assert keep.setting is None and keep.costs["ms"] == pytest.approx(next(r["original_ms"] for r in rows if r["layer"] == name))
+    slower = {n for n, opts in curves.items() if all(o.costs["ms"] >= opts[0].costs["ms"] for o in opts[1:])}
+    assert slower and slower != set(curves)  # some chains save MACs but cost time under this timer, others not
+    cheapest_ms = pareto_allocations(curves, key="ms")[0][0]
+    cheapest_macs = pareto_allocations(curves, key="macs")[0][0]
+    assert not any(cheapest_ms.choice[n].setting for n in slower)  # the ms front never takes a chain slower than its Conv
+    assert any(cheapest_macs.choice[n].setting for n in slower)    # the MACs front does
+    assert cheapest_ms.costs["ms"] < cheapest_macs.costs["ms"]
