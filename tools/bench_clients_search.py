@@ -149,7 +149,9 @@ def main(argv=None) -> int:
                                        repeats=args.repeats)
         s = det["summary"]
         result["nudenet_engine"] = {"agrees": detector_agrees(det["images"]), "speedup": s["ms_original"] / s["ms_compressed"],
-                                    "summary": s}
+                                    "summary": s,
+                                    "detections": {n: {k: [(d["class"], round(d["score"], 3)) for d in im[f"detections_{k}"]]
+                                                       for k in ("original", "compressed")} for n, im in det["images"].items()}}
         print(f"NudeNet on the evaluation photos: {'identical' if result['nudenet_engine']['agrees'] else 'DIFFERENT'} detections, "
               f"{result['nudenet_engine']['speedup']:.2f}x end to end", flush=True)
     if "rec" in names or "det" in names:
@@ -157,7 +159,9 @@ def main(argv=None) -> int:
                                   clients.load_images(clients.OCR_IMAGES), repeats=args.repeats)
         s = ocr["summary"]
         result["ocr_engine"] = {"agrees": ocr_agrees(ocr["images"]), "speedup": s["ms_original"] / s["ms_compressed"], "summary": s,
-                                "models": {n: str(model(n)) for n in ("det", "rec")}}
+                                "models": {n: str(model(n)) for n in ("det", "rec")},
+                                "texts": {n: {k: [l["text"] for l in im[f"lines_{k}"]] for k in ("original", "compressed")}
+                                          for n, im in ocr["images"].items()}}
         print(f"RapidOCR on the evaluation photos: {'identical' if result['ocr_engine']['agrees'] else 'DIFFERENT'} text and boxes "
               f"(min char similarity {s['min_char_similarity']:.3f}), {result['ocr_engine']['speedup']:.2f}x end to end", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

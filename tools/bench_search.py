@@ -16,6 +16,7 @@ same allocation search with ``--jobs 1``, ``--jobs 2`` and on a local Ray instan
     python tools/bench_search.py                         # both models (~20 min)
     python tools/bench_search.py --models fashion_cnn --parallel
     python tools/bench_search.py --models "" --weight-cap 150   # light VGG-19, convs alone vs with FC layers
+    python tools/bench_search.py --strategies allocate --layer-timing   # the front by measured layer time
 
 ``--weight-cap MB``: the onnx wheel's light VGG-19 with random structured weights
 (``tools/bench_compress.py``), calibration on 16 and selection on 8 *other* seeded random images
@@ -51,7 +52,8 @@ def halves(out: Path):
     return select, x[5000:], y[5000:]
 
 
-def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: str | None = None, cache=None, round_to: int = 1):
+def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: str | None = None, cache=None, round_to: int = 1,
+        layer_timing: bool = False):
     from onnxfactor.config import CalibrationConfig, CompressConfig
     from onnxfactor.pipeline import ValidationOptions
     from onnxfactor.search import Constraints, SearchConfig, search
@@ -59,7 +61,8 @@ def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: s
 
     base = CompressConfig(exclude=("/0/Conv",), calibration=CalibrationConfig())
     config = SearchConfig(constraints=Constraints(max_accuracy_drop=drop), strategy=strategy, jobs=jobs, ray_address=ray,
-                          cache=cache, threads=1, latency_runs=30, round_to=round_to)
+                          cache=cache, threads=1, latency_runs=30, round_to=round_to,
+                          layer_timing=layer_timing and strategy == "allocate")
     t = time.perf_counter()
     result = search(model, CALIB, ValidationOptions(data=select), config=config, base=base)
     return result, time.perf_counter() - t, describe
@@ -124,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", action="store_true")
     p.add_argument("--round-to", type=int, default=1, help="rank rounding of the allocation's curves")
     p.add_argument("--strategies", default="grid,allocate")
+    p.add_argument("--layer-timing", action="store_true", help="allocate by measured layer time (search --layer-timing)")
     p.add_argument("--weight-cap", type=float, default=None, metavar="MB", help="also light VGG-19 under --max-weight-mb MB")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_search.json")
     args = p.parse_args(argv)
@@ -137,7 +141,8 @@ def main(argv=None) -> int:
         row = {"model": name, "original_accuracy_unseen": accuracy(original, x, y)}
         for strategy in args.strategies.split(","):
             result, wall, describe = run(path, select, strategy, args.max_accuracy_drop, args.jobs,
-                                         cache=ROOT / "out" / "search_cache" / name, round_to=args.round_to)
+                                         cache=ROOT / "out" / "search_cache" / name, round_to=args.round_to,
+                                         layer_timing=args.layer_timing)
             w = result.winner
             entry = {"wall_seconds": round(wall, 1), "candidates": len(result.candidates),
                      "feasible": sum(not c["violations"] for c in result.candidates), "winner": None}

@@ -88,7 +88,14 @@ def violations(c: Constraints, m: dict) -> list[str]:
 
 
 def objective_value(objective: str, m: dict) -> float:
-    """Smaller is better: measured latency (ms), MACs or parameters of a candidate's result."""
+    """Smaller is better: measured latency, MACs or parameters of a candidate's result.
+
+    Latency is the candidate's median *relative to the original's*, both timed interleaved in the
+    candidate's own measurement (``1 / speedup``): candidates are measured one after another on a
+    shared machine, so their absolute milliseconds drift between measurements while the ratio does
+    not. Without the original's figure, the absolute median (ms)."""
+    if objective == "latency" and m.get("latency_ms") is not None and m.get("latency_original_ms"):
+        return float(m["latency_ms"]) / float(m["latency_original_ms"])
     key = {"latency": "latency_ms", "macs": "macs", "params": "params"}[objective]
     value = m.get(key)
     return float("inf") if value is None else float(value)

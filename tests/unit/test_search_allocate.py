@@ -94,6 +94,14 @@ def test_the_returned_candidate_never_violates_a_constraint(seed):
         assert winner[value] == min(c[value] for c in feasible)
 
 
+def test_the_latency_objective_compares_each_candidate_with_the_original_of_its_own_measurement():
+    # b is slower in absolute ms, measured in a slow phase of the machine, but faster than the original timed beside it
+    a = {"spec": "a", "violations": [], "latency_ms": 10.0, "latency_original_ms": 10.5, "accuracy": 0.9}
+    b = {"spec": "b", "violations": [], "latency_ms": 11.0, "latency_original_ms": 14.0, "accuracy": 0.9}
+    assert pick_winner([a, b], "latency")["spec"] == "b"
+    assert pick_winner([dict(a, latency_original_ms=None), dict(b, latency_original_ms=None)], "latency")["spec"] == "a"
+
+
 def test_violations_name_each_requirement():
     c = Constraints(max_accuracy_drop=0.5, min_agreement=0.99, max_weight_mb=1.0, target_speedup=1.5)
     m = {"accuracy": 0.92, "accuracy_original": 0.93, "agreement": 0.995, "weight_bytes": 2e6, "speedup": float("nan")}
