@@ -26,7 +26,7 @@ from onnxfactor.linear import share_key as linear_share_key
 from onnxfactor.ranks.policies import load_rank_file
 from onnxfactor.report import CompressReport, LayerReport, Totals
 from onnxfactor.rewrite import Rewriter, export_model
-from onnxfactor.speed import Candidate, guard_end_to_end, meet_budget, select_faster_layers
+from onnxfactor.speed import Candidate, guard_end_to_end, meet_budget, select_faster_layers, time_options
 
 #: progress(done, total, layer_name) is called after each layer.
 Progress = Callable[[int, int, str], None]
@@ -480,10 +480,9 @@ def analyze(
     for site in prep.sites:
         layer, options = decomposer.run(site)
         if timer is not None and options and layer.reason is None:
-            from onnxfactor.latency import time_layer
-
             opset = next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
-            layer.latency = time_layer(timer, site, options[0], opset=opset).to_dict()
+            timings = time_options(timer, site, options[:1], opset=opset)
+            layer.latency = {"note": timings} if isinstance(timings, str) else timings[0].to_dict()
         layers.append(layer)
     if prep.linear_sites:
         layers += decompose_linear(prep.linear_sites, config, explicit, calibration=calibration, images=images,

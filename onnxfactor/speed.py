@@ -108,16 +108,23 @@ def select_faster_layers(
             progress(done, len(candidates), candidate.site.name)
 
 
+def time_options(timer: Timer, site: ConvSite, chains: list[ChainSpec], *, opset: int | None) -> list[LayerTiming] | str:
+    """Each chain of ``site`` timed against its Conv, or why it cannot be (a note for the report)."""
+    if site.graph_path or site.input_shape is None or not all(isinstance(d, numbers.Integral) and d > 0 for d in site.input_shape):
+        return "not timed (inside a subgraph or input shape unknown)"
+    try:
+        return time_chains(timer, site, chains, opset=opset)
+    except Exception as e:  # noqa: BLE001 - e.g. an op or dtype the provider cannot run alone
+        return f"not timed ({first_line(e)})"
+
+
 def _select_one(candidate: Candidate, timer: Timer, *, margin: float, opset: int | None) -> None:
     site = candidate.site
-    if site.graph_path or site.input_shape is None or not all(isinstance(d, numbers.Integral) and d > 0 for d in site.input_shape):
-        candidate.layer.latency = {"note": "not timed (inside a subgraph or input shape unknown): kept by MACs"}
+    timings = time_options(timer, site, candidate.options, opset=opset)
+    if isinstance(timings, str):
+        candidate.layer.latency = {"note": f"{timings}: kept by MACs"}
         return
-    try:
-        candidate.option_timings = time_chains(timer, site, candidate.options, opset=opset)
-    except Exception as e:  # noqa: BLE001 - e.g. an op or dtype the provider cannot run alone
-        candidate.layer.latency = {"note": f"not timed ({first_line(e)}): kept by MACs"}
-        return
+    candidate.option_timings = timings
     best = max(range(len(candidate.options)), key=lambda k: candidate.option_timings[k].speedup)
     _apply_timing(candidate, best)
     timing = candidate.timing

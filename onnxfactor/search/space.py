@@ -33,8 +33,10 @@ def sensitivity(model, stats, base, *, methods=("tucker2",), fractions=FRACTIONS
     the Conv in ONNX Runtime at the layer's real input shape (:func:`onnxfactor.latency.time_layer`),
     keep costing the Conv's own median over those timings; the allocation then orders the front by
     summed measured layer time instead of MACs (small ranks buy little speed on memory-bound 1x1s).
-    Only the Convs are timed: linear layers (``--include-linear``) cost ``ms`` in proportion to their
-    MACs at the timed Convs' mean ms per MAC."""
+    Only the Convs are timed: linear layers (``--include-linear``), and Convs that cannot be timed
+    alone (inside a subgraph, unknown shapes, an op the provider cannot run by itself), cost ``ms``
+    in proportion to their MACs at the timed Convs' mean ms per MAC (1 ms per million MACs when
+    none could be timed: the front is then the MACs front)."""
     from onnxfactor.config import RankConfig
     from onnxfactor.pipeline import analyze
 
@@ -73,7 +75,7 @@ def sensitivity(model, stats, base, *, methods=("tucker2",), fractions=FRACTIONS
         macs, params = before[name]
         options.insert(0, Option(name, None, 0.0, _costs(macs, params, conv_ms.get(name)), label="keep"))
         if timer is not None:  # untimed options (linear layers) by the timed Convs' ms per MAC
-            options = [o if "ms" in o.costs else dataclasses.replace(o, costs={**o.costs, "ms": o.costs["macs"] * (per_mac or 0.0)})
+            options = [o if "ms" in o.costs else dataclasses.replace(o, costs={**o.costs, "ms": o.costs["macs"] * (per_mac or 1e-6)})
                        for o in options]
         curves[name] = _deduplicated(options)
     return curves, rows, totals

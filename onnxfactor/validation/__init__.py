@@ -23,6 +23,7 @@ from .inputs import (
     parse_input_shapes,
     resolve_input_shapes,
 )
+from .metric import TaskMetric
 from .providers import available_providers, make_session, ort_conflict_warning, resolve_providers
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "InputSet",
     "LatencyStats",
     "OutputComparison",
+    "TaskMetric",
     "ValidationResult",
     "available_providers",
     "compare_outputs",

@@ -194,3 +194,17 @@ def test_layer_timing_costs_come_from_the_timer_and_change_the_front():
     assert not any(cheapest_ms.choice[n].setting for n in slower)  # the ms front never takes a chain slower than its Conv
     assert any(cheapest_macs.choice[n].setting for n in slower)    # the MACs front does
     assert cheapest_ms.costs["ms"] < cheapest_macs.costs["ms"]
+
+
+def test_layer_timing_falls_back_to_macs_when_nothing_can_be_timed():
+    from onnxfactor import calibrate
+    from onnxfactor.search.space import sensitivity
+
+    class Broken:
+        def time_pair(self, a, b, feeds):
+            raise RuntimeError("provider cannot run this node alone")
+
+    stats = calibrate(MODEL, CALIB, config=BASE)
+    curves, rows, _ = sensitivity(MODEL, stats, BASE, fractions=(0.5,), timer=Broken())
+    assert rows and all(r["chain_ms"] is None for r in rows)
+    assert all(o.costs["ms"] == pytest.approx(o.costs["macs"] * 1e-6) for opts in curves.values() for o in opts)
