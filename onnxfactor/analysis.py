@@ -23,14 +23,23 @@ FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 _SKELETON_MAX_ELEMENTS = 4096
 
 
+def load_constant(tensor: gs.Constant) -> np.ndarray:
+    """A Constant's values as a numpy array, without caching them in the graph.
+
+    onnx-graphsurgeon's ``Constant.values`` replaces the lazy TensorProto view by the loaded
+    array for good, which would keep a second copy of every weight alive (2x model memory).
+    """
+    lazy = tensor._values
+    return lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else np.asarray(tensor.values)
+
+
 @dataclass
-class ConvSite:
-    """A Conv node whose weight is a constant float tensor: a candidate for decomposition."""
+class WeightSite:
+    """A node with a constant weight, where it sits and its input / output shapes (``None`` when unknown)."""
 
     node: gs.Node
     graph: gs.Graph
     graph_path: str
-    geometry: ConvGeometry
     weight: gs.Constant
     input_shape: tuple | None
     output_shape: tuple | None
@@ -40,17 +49,19 @@ class ConvSite:
         return self.node.name
 
     def weight_array(self) -> np.ndarray:
-        """The weight as a numpy array, without caching it in the graph.
-
-        onnx-graphsurgeon's ``Constant.values`` replaces the lazy TensorProto view by the loaded
-        array for good, which would keep a second copy of every weight alive (2x model memory).
-        """
-        lazy = self.weight._values
-        return lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else np.asarray(self.weight.values)
+        """The weight as a numpy array, without caching it in the graph (:func:`load_constant`)."""
+        return load_constant(self.weight)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.weight.shape)
+
+
+@dataclass
+class ConvSite(WeightSite):
+    """A Conv node whose weight is a constant float tensor: a candidate for decomposition."""
+
+    geometry: ConvGeometry
 
     @property
     def in_spatial(self) -> int | None:

@@ -58,7 +58,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxfactor.analysis import FLOAT_DTYPES, SkippedNode, iter_graphs
+from onnxfactor.analysis import FLOAT_DTYPES, SkippedNode, WeightSite, iter_graphs, load_constant
 from onnxfactor.calibration.fit import cholesky_whitening
 from onnxfactor.config import CompressConfig, RankConfig
 from onnxfactor.decompose import margin_reason, selection_reason
@@ -72,30 +72,13 @@ LINEAR_OPS = ("Gemm", "MatMul")
 MIN_GEMM_OPSET = 7
 
 
-def _load(tensor: gs.Constant) -> np.ndarray:
-    """A Constant's values without caching them in the graph (see :meth:`ConvSite.weight_array`)."""
-    lazy = tensor._values
-    return lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else np.asarray(tensor.values)
-
-
 def _known(shape) -> bool:
     return shape is not None and all(isinstance(d, (int, np.integer)) and d > 0 for d in shape)
 
 
 @dataclass
-class LinearSite:
+class LinearSite(WeightSite):
     """A ``Gemm`` or ``MatMul`` whose weight (input B) is a constant 2-D float tensor: a candidate."""
-
-    node: gs.Node
-    graph: gs.Graph
-    graph_path: str
-    weight: gs.Constant
-    input_shape: tuple | None
-    output_shape: tuple | None
-
-    @property
-    def name(self) -> str:
-        return self.node.name
 
     @property
     def op(self) -> str:
@@ -117,10 +100,6 @@ class LinearSite:
         return bool(self._attr("transB", 0))
 
     @property
-    def weight_shape(self) -> tuple[int, int]:
-        return tuple(int(d) for d in self.weight.shape)
-
-    @property
     def in_features(self) -> int:
         """``K``: the contraction size."""
         return self.weight_shape[1 if self.trans_b else 0]
@@ -132,7 +111,7 @@ class LinearSite:
 
     def weight_matrix(self) -> np.ndarray:
         """``W`` (``K x N``) as used: the B input, transposed when ``transB``."""
-        w = _load(self.weight)
+        w = load_constant(self.weight)
         return w.T if self.trans_b else w
 
     def bias_array(self) -> np.ndarray | None:
@@ -140,7 +119,7 @@ class LinearSite:
         if self.op != "Gemm" or len(self.node.inputs) < 3 or not self.node.inputs[2].name:
             return None
         c = self.node.inputs[2]
-        return _load(c) if isinstance(c, gs.Constant) else np.zeros(self.out_features, dtype=np.dtype(self.weight.dtype))
+        return load_constant(c) if isinstance(c, gs.Constant) else np.zeros(self.out_features, dtype=np.dtype(self.weight.dtype))
 
     def input_rows(self, a: np.ndarray) -> np.ndarray:
         """The rows ``x`` (``K``-vectors) of an input value ``a``: ``A`` / ``A^T`` (Gemm), ``X`` flattened (MatMul)."""
@@ -547,7 +526,7 @@ def layer_model(site: LinearSite, *, opset: int | None = None) -> onnx.ModelProt
     if not _known(site.input_shape):
         raise ValueError(f"{site.op} {site.name!r}: input shape {site.input_shape} is not fully known (--input-shape)")
     node = site.node
-    weight = _load(site.weight)
+    weight = site.weight_array()
     dtype = np.dtype(weight.dtype)
     x = gs.Variable(node.inputs[0].name, dtype=dtype, shape=[int(d) for d in site.input_shape])
     inputs = [x, gs.Constant(site.weight.name, weight)]
@@ -581,29 +560,26 @@ def select_faster_linear(candidates: list, timer, *, margin: float, opset: int |
     Updates the candidates (``chain``, ``timing``) and their rows (``latency``, ``reason``), as
     :func:`onnxfactor.speed.select_faster_layers` does for Convs; untimeable ones stay as they are.
     """
-    from onnxfactor.errors import first_line
-    from onnxfactor.latency import LayerTiming, layer_feeds
+    from onnxfactor.speed import judge_timing, time_options
 
     for c in candidates:
-        site = c.site
         if c.chain is None:
             continue
-        if site.graph_path or not _known(site.input_shape):
-            c.layer.latency = {"note": "not timed (inside a subgraph or input shape unknown): kept by MACs"}
+        timings = time_options(timer, c.site, [c.chain], opset=opset, timing=_time_chains)
+        if isinstance(timings, str):
+            c.layer.latency = {"note": f"{timings}: kept by MACs"}
             continue
-        try:
-            original = layer_model(site, opset=opset)
-            timing = LayerTiming.from_pair(timer.time_pair(original, chain_model(original, c.chain), layer_feeds(original)))
-        except Exception as e:  # noqa: BLE001 - e.g. a dtype the provider cannot run alone
-            c.layer.latency = {"note": f"not timed ({first_line(e)}): kept by MACs"}
-            continue
-        c.timing, c.option_timings = timing, [timing]
-        c.layer.latency = {**timing.to_dict(), "options": [
-            {"method": c.chain.method, "ranks": dict(c.chain.ranks), "rel_error": c.chain.rel_error, **timing.to_dict()}]}
-        if timing.speedup < 1.0 + margin:
-            c.chain = None
-            c.layer.reason = (f"measured not faster: {timing.original_ms:.3g} ms -> {timing.chain_ms:.3g} ms "
-                              f"({timing.speedup:.2f}x, needs {1 + margin:.2f}x; --speed-margin)")
+        c.timing, c.option_timings = timings[0], timings
+        judge_timing(c, margin)
+
+
+def _time_chains(timer, site: LinearSite, chains: list, *, opset: int | None) -> list:
+    """:func:`onnxfactor.latency.time_chains` for a fully connected site (its one-node micro models)."""
+    from onnxfactor.latency import LayerTiming, layer_feeds
+
+    original = layer_model(site, opset=opset)
+    feeds = layer_feeds(original)
+    return [LayerTiming.from_pair(timer.time_pair(original, chain_model(original, chain), feeds)) for chain in chains]
 
 
 __all__ = ["LINEAR_OPS", "LinearChain", "LinearFit", "LinearSite", "LinearStatistics", "collect_linear_statistics",

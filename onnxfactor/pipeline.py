@@ -96,6 +96,11 @@ def _prepare(source, input_shapes: dict | None, include_linear: bool = False) ->
     return _Prepared(loaded, graph, sites, skipped, resolved, shapes, run_error, linear)
 
 
+def _opset(prep: _Prepared) -> int | None:
+    """The model's default-domain opset (the micro models of the timings use it)."""
+    return next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _model_params(model: onnx.ModelProto) -> int:
     total = 0
 
@@ -386,13 +391,11 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
         raise prep.run_error
     latency = config.latency
     providers = resolve_providers(latency.provider)
-    timer = timer or OrtTimer(providers, latency.threads)
-    cache = None
-    if latency.timing_cache is not None:
-        from onnxfactor.timing_cache import CachedTimer
+    from onnxfactor.timing_cache import cached_timer
 
-        timer = cache = CachedTimer(timer, latency.timing_cache, context=f"{providers}|threads={latency.threads}")
-    opset = next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
+    timer = cached_timer(timer or OrtTimer(providers, latency.threads), latency.timing_cache, providers, latency.threads)
+    cache = timer if latency.timing_cache is not None else None
+    opset = _opset(prep)
     # the normalised input stays unchanged on this path (trial and final models are copies), so it
     # is timed as it is unless IR < 4 needs its initializers listed as inputs again
     original = _runnable(prep.loaded)
@@ -480,8 +483,7 @@ def analyze(
     for site in prep.sites:
         layer, options = decomposer.run(site)
         if timer is not None and options and layer.reason is None:
-            opset = next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
-            timings = time_options(timer, site, options[:1], opset=opset)
+            timings = time_options(timer, site, options[:1], opset=_opset(prep))
             layer.latency = {"note": timings} if isinstance(timings, str) else timings[0].to_dict()
         layers.append(layer)
     if prep.linear_sites:

@@ -108,12 +108,13 @@ def select_faster_layers(
             progress(done, len(candidates), candidate.site.name)
 
 
-def time_options(timer: Timer, site: ConvSite, chains: list[ChainSpec], *, opset: int | None) -> list[LayerTiming] | str:
-    """Each chain of ``site`` timed against its Conv, or why it cannot be (a note for the report)."""
+def time_options(timer: Timer, site, chains: list, *, opset: int | None, timing=time_chains) -> list[LayerTiming] | str:
+    """Each chain of ``site`` timed against its node with ``timing`` (default: the Convs'
+    :func:`~onnxfactor.latency.time_chains`), or why it cannot be (a note for the report)."""
     if site.graph_path or site.input_shape is None or not all(isinstance(d, numbers.Integral) and d > 0 for d in site.input_shape):
         return "not timed (inside a subgraph or input shape unknown)"
     try:
-        return time_chains(timer, site, chains, opset=opset)
+        return timing(timer, site, chains, opset=opset)
     except Exception as e:  # noqa: BLE001 - e.g. an op or dtype the provider cannot run alone
         return f"not timed ({first_line(e)})"
 
@@ -127,6 +128,12 @@ def _select_one(candidate: Candidate, timer: Timer, *, margin: float, opset: int
     candidate.option_timings = timings
     best = max(range(len(candidate.options)), key=lambda k: candidate.option_timings[k].speedup)
     _apply_timing(candidate, best)
+    judge_timing(candidate, margin)
+
+
+def judge_timing(candidate: Candidate, margin: float) -> None:
+    """Record the candidate's timings (``timing``, ``option_timings``) in its row; drop its chain
+    unless it runs ``1 + margin`` times as fast as the node it replaces."""
     timing = candidate.timing
     candidate.layer.latency = {
         **timing.to_dict(),

@@ -138,3 +138,9 @@ class CachedTimer:
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "hits": self.hits, "misses": self.misses}
+
+
+def cached_timer(inner, path: str | os.PathLike | None, providers: list[str], threads: int | None):
+    """``inner`` answering from the timing cache ``path`` when given (else ``inner`` itself), keyed by
+    ``providers`` and ``threads``: ``compress --timing-cache`` and ``search --timing-cache`` share entries."""
+    return inner if path is None else CachedTimer(inner, path, context=f"{providers}|threads={threads}")

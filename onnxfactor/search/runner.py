@@ -261,16 +261,12 @@ def _check(config: SearchConfig, held_out) -> None:
 def _layer_timer(config: SearchConfig, held_out, jobs: int):
     """The per-layer timer of ``--layer-timing``: ONNX Runtime with the workers' threads, cached on request."""
     from onnxfactor.latency import OrtTimer
+    from onnxfactor.timing_cache import cached_timer
     from onnxfactor.validation import resolve_providers
 
     providers = resolve_providers(held_out.provider)
     threads = config.threads if config.threads is not None else max(1, default_jobs() // max(jobs, 1))
-    timer = OrtTimer(providers, threads)
-    if config.timing_cache is not None:
-        from onnxfactor.timing_cache import CachedTimer
-
-        timer = CachedTimer(timer, config.timing_cache, context=f"{providers}|threads={threads}")
-    return timer
+    return cached_timer(OrtTimer(providers, threads), config.timing_cache, providers, threads)
 
 
 def _has_labels(held_out) -> bool:
