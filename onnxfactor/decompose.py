@@ -85,8 +85,6 @@ class LayerDecomposer:
             raise UsageError(f"unknown method {config.method!r}; choose one of {', '.join(METHOD_CHOICES)} (--method)")
         self.auto = config.method == AUTO
         self.runners_up: list[ChainSpec] = []  # auto: the other chains of the last search
-        if self.auto and config.ranks.policy == "file":
-            raise UsageError("a rank file gives the ranks of one method: choose --method tucker2, cp3, cp4 or tucker3 with --rank-file")
         if config.ranks.policy == "error" and not 0.0 <= config.ranks.target_error < 1.0:
             raise UsageError(f"--target-error must be in [0, 1), got {config.ranks.target_error:g}")
         self.config = config
@@ -94,9 +92,17 @@ class LayerDecomposer:
         self.calibration = calibration
         self.method = METHODS.get(config.method)
         self._fits: dict[tuple, LayerFit] = {}
+        # Rank-file entries that name their own method (per-layer methods, the search's allocation):
+        # those sites are decided by a decomposer of that method.
+        methods = getattr(explicit, "methods", {})
+        own = {s.name: methods[s.name] for s in sites if methods.get(s.name, config.method) != config.method}
+        self._delegates = {m: LayerDecomposer(dataclasses.replace(config, method=m), explicit,
+                                              [s for s in sites if own.get(s.name) == m], calibration)
+                           for m in sorted(set(own.values()))}
+        self._own = own
         # Spectra hold C x C eigenvector matrices (about the model's size in total): keep a fit only
         # until the last Conv sharing it has been processed.
-        self._users = Counter(self._key(site) for site in sites)
+        self._users = Counter(self._key(site) for site in sites if site.name not in own)
 
     def in_mode(self, site: ConvSite) -> bool:
         return site.in_per_group > self.config.in_mode_min_channels
@@ -151,6 +157,8 @@ class LayerDecomposer:
         ``fit`` reuses a :class:`LayerFit` (the latency budget decides one site several times).
         Nothing is rewritten here.
         """
+        if site.name in self._own:
+            return self._delegates[self._own[site.name]].run(site, variants=variants, fit=fit)
         start = time.perf_counter()
         self.runners_up = []
         layer = _layer_base(site)

@@ -17,6 +17,7 @@ same allocation search with ``--jobs 1``, ``--jobs 2`` and on a local Ray instan
     python tools/bench_search.py --models fashion_cnn --parallel
     python tools/bench_search.py --models "" --weight-cap 150   # light VGG-19, convs alone vs with FC layers
     python tools/bench_search.py --strategies allocate --layer-timing   # the front by measured layer time
+    python tools/bench_search.py --strategies allocate --methods tucker2,cp3,tucker3   # a method per layer
 
 ``--weight-cap MB``: the onnx wheel's light VGG-19 with random structured weights
 (``tools/bench_compress.py``), calibration on 16 and selection on 8 *other* seeded random images
@@ -53,7 +54,7 @@ def halves(out: Path):
 
 
 def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: str | None = None, cache=None, round_to: int = 1,
-        layer_timing: bool = False):
+        layer_timing: bool = False, methods: tuple[str, ...] = ("tucker2",)):
     from onnxfactor.config import CalibrationConfig, CompressConfig
     from onnxfactor.pipeline import ValidationOptions
     from onnxfactor.search import Constraints, SearchConfig, search
@@ -62,7 +63,7 @@ def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: s
     base = CompressConfig(exclude=("/0/Conv",), calibration=CalibrationConfig())
     config = SearchConfig(constraints=Constraints(max_accuracy_drop=drop), strategy=strategy, jobs=jobs, ray_address=ray,
                           cache=cache, threads=1, latency_runs=30, round_to=round_to,
-                          layer_timing=layer_timing and strategy == "allocate")
+                          layer_timing=layer_timing and strategy == "allocate", methods=methods)
     t = time.perf_counter()
     result = search(model, CALIB, ValidationOptions(data=select), config=config, base=base)
     return result, time.perf_counter() - t, describe
@@ -129,8 +130,10 @@ def main(argv=None) -> int:
     p.add_argument("--strategies", default="grid,allocate")
     p.add_argument("--layer-timing", action="store_true", help="allocate by measured layer time (search --layer-timing)")
     p.add_argument("--weight-cap", type=float, default=None, metavar="MB", help="also light VGG-19 under --max-weight-mb MB")
+    p.add_argument("--methods", default="tucker2", help="search --methods (several: a method per layer)")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_search.json")
     args = p.parse_args(argv)
+    methods = tuple(args.methods.split(","))
     select, x, y = halves(ROOT / "out")
     out = {"models": [], "parallel": None}
     if args.weight_cap is not None:
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
         for strategy in args.strategies.split(","):
             result, wall, describe = run(path, select, strategy, args.max_accuracy_drop, args.jobs,
                                          cache=ROOT / "out" / "search_cache" / name, round_to=args.round_to,
-                                         layer_timing=args.layer_timing)
+                                         layer_timing=args.layer_timing, methods=methods)
             w = result.winner
             entry = {"wall_seconds": round(wall, 1), "candidates": len(result.candidates),
                      "feasible": sum(not c["violations"] for c in result.candidates), "winner": None}

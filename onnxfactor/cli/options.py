@@ -92,7 +92,7 @@ TargetError = Annotated[
     float,
     typer.Option(help="Relative reconstruction error ||W - W_chain|| / ||W|| per layer for --ranks error (cheapest ranks meeting it).", min=0.0, max=0.999),
 ]
-RankFile = Annotated[Optional[Path], typer.Option(help="JSON ranks per node name (implies --ranks file).", show_default=False)]
+RankFile = Annotated[Optional[Path], typer.Option(help="JSON ranks per node name, an entry may name its method: {\"conv\": {\"method\": \"cp3\", \"rank\": 9}} (implies --ranks file).", show_default=False)]
 Rank0 = Annotated[Rank0Rule, typer.Option(help="When VBMF says a mode is noise (rank 0): keep it undecomposed, or use --min-rank.")]
 MinRank = Annotated[int, typer.Option(help="Rank used by --rank0 min.", min=1)]
 RoundTo = Annotated[int, typer.Option(help="Round ranks up to a multiple of this (e.g. 8 or 16); 1 = off.", min=1)]

@@ -54,7 +54,7 @@ def search(
     max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Requirement: measured latency of the first --data batch at most this.", show_default=False, min=0.0)] = None,
     objective: Annotated[opt.ObjectiveName, typer.Option("--objective", help="What the winner minimises among candidates meeting every requirement.")] = opt.ObjectiveName.latency,
     strategy: Annotated[opt.StrategyName, typer.Option("--strategy", help="allocate: per-layer ranks from sensitivity curves and a Pareto front; grid: every global setting.")] = opt.StrategyName.allocate,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to search (tucker2, cp3, cp4, tucker3).")] = "tucker2",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to search (tucker2, cp3, cp4, tucker3); with several, allocate picks a method per layer, grid tries each.")] = "tucker2",
     fractions: Annotated[Optional[str], typer.Option("--fractions", help="Comma-separated rank fractions of the sensitivity curves and the grid.", show_default=False)] = None,
     round_to: opt.RoundTo = 1,
     layer_timing: Annotated[bool, typer.Option("--layer-timing", help="allocate: order the front by each layer's chain timed against its Conv in ONNX Runtime (summed ms) instead of MACs.")] = False,

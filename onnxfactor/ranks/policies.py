@@ -39,6 +39,9 @@ from onnxfactor.errors import UsageError
 from onnxfactor.ranks.vbmf import evbmf_from_singular_values
 from onnxfactor.spectral import ModeSpectrum, WeightSpectra
 
+#: the methods a rank-file entry may name (``onnxfactor.methods.METHODS``; ranks/ does not import methods/)
+METHOD_NAMES = ("tucker2", "cp3", "cp4", "tucker3")
+
 
 @dataclass(frozen=True)
 class ModeChoice:
@@ -203,9 +206,18 @@ def choose_cp_rank(spectra: WeightSpectra, config: RankConfig, explicit: dict | 
     return RankChoice({"rank": rank}, [ModeChoice("rank", full_rank, full_rank, vbmf_rank, sigma2, rank, note)])
 
 
+class RankEntries(dict):
+    """A rank file's entries (node name -> ranks) and, in ``methods``, the nodes that name their own
+    method (``{"method": "cp3", "rank": 12}``): per-layer methods, as the search's allocation chooses."""
+
+    def __init__(self, entries=(), methods: dict[str, str] | None = None):
+        super().__init__(entries)
+        self.methods = dict(methods or {})
+
+
 def load_rank_file(
     path: str | Path, known_nodes: dict[str, tuple[bool, int, int]], method: str = "tucker2"
-) -> dict[str, dict]:
+) -> RankEntries:
     """Read and check an explicit rank file.
 
     The file is a JSON object keyed by Conv node name. With ``method="tucker2"`` a k x k conv
@@ -214,6 +226,8 @@ def load_rank_file(
     R_spatial]``); with ``"cp3"`` / ``"cp4"`` ``{"rank": R}`` or an integer (any ``R >= 1``: a CP
     rank may exceed every mode size). A pointwise conv takes ``{"rank": R}`` or an integer for
     every method. ``null`` for a node leaves it unchanged. Nodes not in the file are not decomposed.
+    An entry may name its own method, ``{"method": "cp3", "rank": 12}`` (ranks as that method takes
+    them): it overrides ``method`` for that node; with ``method="auto"`` every entry must name one.
 
     ``known_nodes`` maps each Conv node name to ``(is_pointwise, out_size, in_size)`` (per group).
     """
@@ -230,11 +244,23 @@ def load_rank_file(
     if unknown:
         some = ", ".join(sorted(known_nodes)[:5])
         raise UsageError(f"rank file {p} names unknown Conv node(s) {', '.join(unknown[:5])}; Conv nodes are e.g. {some}")
-    ranks: dict[str, dict] = {}
+    ranks, methods = {}, {}
     for name, value in data.items():
         pointwise, out_size, in_size = known_nodes[name]
-        ranks[name] = _parse_rank_entry(p, name, value, pointwise, out_size, in_size, method)
-    return ranks
+        own = method
+        if isinstance(value, dict) and "method" in value:
+            own = value["method"]
+            if own not in METHOD_NAMES:
+                raise UsageError(f"rank file {p}: node {name!r} method {own!r} is not one of {', '.join(METHOD_NAMES)}")
+            methods[name] = own
+            value = {k: v for k, v in value.items() if k != "method"}
+            if not pointwise and own in ("tucker2", "tucker3") and not value:
+                raise UsageError(f"rank file {p}: node {name!r} names method {own!r} but no ranks")
+        elif method == "auto" and value is not None:
+            raise UsageError(f"rank file {p}: node {name!r} must name its method ({{\"method\": \"tucker2\", \"out\": R_out, \"in\": R_in}}) "
+                             f"with --method auto, or choose --method tucker2, cp3, cp4 or tucker3")
+        ranks[name] = _parse_rank_entry(p, name, value, pointwise, out_size, in_size, own)
+    return RankEntries(ranks, methods)
 
 
 def _parse_rank_entry(p: Path, name: str, value, pointwise: bool, out_size: int, in_size: int, method: str = "tucker2") -> dict:

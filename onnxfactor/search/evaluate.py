@@ -4,6 +4,7 @@ A candidate is a JSON-able ``spec``:
 
 * ``{"kind": "layers", "method": "tucker2", "ranks": {node: ranks | None}}`` -- per-layer ranks
   from the allocation (a rank file, as ``--rank-file`` reads it; nodes not listed are kept);
+  with ``"method": "mixed"`` each node's entry names its own method (``{"method": "cp3", "rank": 9}``);
 * ``{"kind": "global", "method": ..., "policy": "ratio" | "weakened" | "vbmf" | "error",
   "value": x, "round_to": n}`` -- one global setting of the grid.
 
@@ -27,6 +28,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from onnxfactor.search.space import MIXED
 
 #: bump when the figures :func:`evaluate` returns change meaning (invalidates caches)
 VERSION = 2
@@ -81,7 +84,8 @@ def config_for(spec: dict, base, folder: Path):
         kwargs = {"ratio": value} if spec["policy"] == "ratio" else {"weaken": value} if spec["policy"] == "weakened" else \
             {"target_error": value} if spec["policy"] == "error" else {}
         ranks = RankConfig(policy=spec["policy"], round_to=spec.get("round_to", 1), **kwargs)
-    return dataclasses.replace(base, ranks=ranks, method=spec["method"], latency=None)
+    method = "tucker2" if spec["method"] == MIXED else spec["method"]  # mixed: every rank-file entry names its method
+    return dataclasses.replace(base, ranks=ranks, method=method, latency=None)
 
 
 def evaluate(spec: dict, ctx: Context, *, model_out: Path | None = None) -> dict:

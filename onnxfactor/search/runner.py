@@ -3,7 +3,8 @@
 ``strategy="allocate"`` (default):
 
 1. calibration statistics, once; per-layer sensitivity curves (:mod:`onnxfactor.search.space`);
-2. for each method, the exact Pareto front of (cost, predicted loss) over per-layer choices
+2. the exact Pareto front of (cost, predicted loss) over per-layer choices (with several
+   ``methods``, each layer's options of all of them: the allocation picks a method per layer)
    (:mod:`onnxfactor.search.allocate`), the cost being the objective's (MACs for ``latency`` and
    ``macs``, parameters for ``params``; with ``layer_timing`` the summed measured ms of the layers,
    each chain timed against its Conv in ONNX Runtime during the sensitivity pass); points over a size cap (``--max-params``, ``--max-macs``,
@@ -39,7 +40,7 @@ from onnxfactor.search.allocate import pareto_allocations
 from onnxfactor.search.constraints import OBJECTIVES, Constraints, agreement_of, check_constraints, objective_value, violations
 from onnxfactor.search.evaluate import Context
 from onnxfactor.search.executor import Cache, Executor, default_jobs
-from onnxfactor.search.space import FRACTIONS, WEAKEN, grid_specs, layer_spec, sensitivity
+from onnxfactor.search.space import FRACTIONS, MIXED, WEAKEN, grid_specs, layer_spec, sensitivity
 
 STRATEGIES = ("allocate", "grid")
 
@@ -189,7 +190,7 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
 
 
 def run_allocation(curves_all: dict, others: dict, executor, config: SearchConfig, jobs: int, deadline=None, progress=None):
-    """Steps 2-3 of the module docstring for every method: ``(candidates, front rows, exact, stopped)``.
+    """Steps 2-3 of the module docstring: ``(candidates, front rows, exact, stopped)``.
 
     ``others``: the model's totals outside the searched layers (``params``, ``bytes``, ``macs``),
     so that the size caps apply to the whole model.
@@ -197,8 +198,10 @@ def run_allocation(curves_all: dict, others: dict, executor, config: SearchConfi
     candidates, front_rows, exact, stopped = [], [], True, None
     key = "params" if config.objective == "params" else "ms" if config.layer_timing else "macs"
     caps = {k: v - others[k] for k, v in config.constraints.caps().items()}
-    for method in config.methods:
-        curves = {n: [o for o in opts if o.setting is None or o.setting["method"] == method] for n, opts in curves_all.items()}
+    # several methods: one front over every layer's options of all of them (a method per layer)
+    fronts = [MIXED] if len(config.methods) > 1 else list(config.methods)
+    for method in fronts:
+        curves = {n: [o for o in opts if o.setting is None or method in (MIXED, o.setting["method"])] for n, opts in curves_all.items()}
         front, ok = pareto_allocations(curves, key=key)
         exact = exact and ok
         front = [a for a in front if all(a.costs[k] <= v for k, v in caps.items())
@@ -239,6 +242,13 @@ def describe(spec: dict) -> str:
         value = "" if spec.get("value") is None else f" {spec['value']:g}"
         return f"{spec['method']} {spec['policy']}{value} round-to {spec.get('round_to', 1)}"
     decomposed = sum(r is not None for r in spec["ranks"].values())
+    if spec["method"] == MIXED:
+        counts: dict[str, int] = {}
+        for r in spec["ranks"].values():
+            if r is not None:
+                counts[r["method"]] = counts.get(r["method"], 0) + 1
+        methods = ", ".join(f"{m} {k}" for m, k in sorted(counts.items()))
+        return f"per-layer methods ({methods}) and ranks, {decomposed} of {len(spec['ranks'])} layers decomposed"
     return f"{spec['method']} per-layer ranks, {decomposed} of {len(spec['ranks'])} layers decomposed"
 
 

@@ -110,7 +110,17 @@ def grid_specs(methods=("tucker2",), fractions=FRACTIONS, weaken=WEAKEN, round_t
     return specs
 
 
+#: the spec method of an allocation over several methods: each layer's entry names its own
+MIXED = "mixed"
+
+
 def layer_spec(method: str, settings: dict) -> dict:
-    """The evaluation spec of an allocation (one method: the rank file holds one method's ranks)."""
-    return {"kind": "layers", "method": method,
-            "ranks": {n: (s["ranks"] if s is not None else None) for n, s in sorted(settings.items())}}
+    """The evaluation spec of an allocation: per layer its ranks (None = keep), written as a rank
+    file. With ``method`` :data:`MIXED` every entry also names its layer's method (the rank file's
+    ``{"method": ...}`` entries), so one candidate may mix Tucker-2, CP and Tucker-3 layers."""
+    def entry(s):
+        if s is None:
+            return None
+        return {"method": s["method"], **s["ranks"]} if method == MIXED else s["ranks"]
+
+    return {"kind": "layers", "method": method, "ranks": {n: entry(s) for n, s in sorted(settings.items())}}

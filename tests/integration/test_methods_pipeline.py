@@ -129,12 +129,47 @@ def test_error_policy_meets_the_target_on_every_decomposed_layer(method):
     onnx.checker.check_model(model, full_check=True)
 
 
-def test_auto_with_a_rank_file_is_a_usage_error(tmp_path):
+def test_auto_with_a_rank_file_entry_without_a_method_is_a_usage_error(tmp_path):
     from onnxfactor.errors import UsageError
 
-    (tmp_path / "r.json").write_text("{}")
-    with pytest.raises(UsageError, match="rank file gives the ranks of one method"):
+    (tmp_path / "r.json").write_text(json.dumps({"/2/Conv": [8, 8]}))
+    with pytest.raises(UsageError, match="must name its method"):
         compress(MODELS / "fashion_cnn.onnx", config=CompressConfig(ranks=RankConfig(policy="file", rank_file=tmp_path / "r.json"), method="auto"))
+
+
+MIXED_ENTRIES = {"/2/Conv": ("tucker2", {"out": 12, "in": 10}), "/5/Conv": ("cp3", {"rank": 40}),
+                 "/7/Conv": ("tucker3", {"out": 24, "in": 20, "spatial": 6}), "/10/Conv": ("cp4", {"rank": 60})}
+
+
+@pytest.mark.parametrize("base_method", ["tucker2", "auto"])
+def test_a_rank_file_mixing_methods_builds_each_layer_as_its_method_alone_would(tmp_path, base_method):
+    """Per-layer methods (what the search's allocation over several methods writes): each layer's chain,
+    ranks and error equal the single-method run's for that layer, and the model runs in ONNX Runtime."""
+    path = MODELS / "fashion_cnn.onnx"
+    (tmp_path / "mixed.json").write_text(json.dumps({n: {"method": m, **r} for n, (m, r) in MIXED_ENTRIES.items()}))
+    config = CompressConfig(ranks=RankConfig(policy="file", rank_file=tmp_path / "mixed.json"), method=base_method, min_reduction=None)
+    mixed, report = compress(path, config=config)
+    rows = {l.name: l for l in report.layers}
+    assert {n for n, l in rows.items() if l.status == "decomposed"} == set(MIXED_ENTRIES)
+    def convs(model):
+        return sum(n.op_type == "Conv" for n in model.graph.node)
+
+    original = onnx.load(str(path))
+    mixed_inits = {t.name: t for t in mixed.graph.initializer}
+    added = 0
+    for name, (method, ranks) in MIXED_ENTRIES.items():
+        (tmp_path / f"{method}.json").write_text(json.dumps({name: ranks}))
+        alone_model, alone = compress(path, config=CompressConfig(ranks=RankConfig(policy="file", rank_file=tmp_path / f"{method}.json"),
+                                                                  method=method, min_reduction=None))
+        one = next(l for l in alone.layers if l.name == name)
+        assert (rows[name].method, rows[name].ranks) == (one.method, one.ranks) == (method, ranks)
+        assert rows[name].rel_reconstruction_error == pytest.approx(one.rel_reconstruction_error, rel=1e-6)
+        added += convs(alone_model) - convs(original)
+        new = {t.name: t for t in alone_model.graph.initializer if t.name not in {i.name for i in original.graph.initializer}}
+        assert new and all(mixed_inits[n].SerializeToString() == t.SerializeToString() for n, t in new.items())  # the same factors
+    assert convs(mixed) == convs(original) + added  # each layer's chain, as long as its method makes it
+    x = np.load(MODELS / "fashion_mnist_test.npz")["input"][:8]
+    assert np.isfinite(run_ort(mixed, {"input": x})[0]).all()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

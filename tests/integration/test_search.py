@@ -148,6 +148,8 @@ def test_infeasible_requirements_exit_7_without_a_model(tmp_path, held_out):
 def test_config_for_builds_rank_files_and_global_settings(tmp_path):
     layers = config_for({"kind": "layers", "method": "tucker2", "ranks": {"/2/Conv": {"out": 8, "in": 8}, "/5/Conv": None}}, BASE, tmp_path)
     assert layers.ranks.policy == "file" and json.loads(layers.ranks.rank_file.read_text()) == {"/2/Conv": {"out": 8, "in": 8}}
+    mixed = config_for({"kind": "layers", "method": "mixed", "ranks": {"/2/Conv": {"method": "cp3", "rank": 9}, "/5/Conv": None}}, BASE, tmp_path)
+    assert mixed.method == "tucker2" and json.loads(mixed.ranks.rank_file.read_text()) == {"/2/Conv": {"method": "cp3", "rank": 9}}
     grid = config_for({"kind": "global", "method": "cp3", "policy": "weakened", "value": 0.3, "round_to": 8}, BASE, tmp_path)
     assert (grid.method, grid.ranks.policy, grid.ranks.weaken, grid.ranks.round_to, grid.exclude) == ("cp3", "weakened", 0.3, 8, ("/0/Conv",))
 

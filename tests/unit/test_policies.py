@@ -547,3 +547,35 @@ def test_unknown_policy_is_a_usage_error():
     weight = known_weight((64, 32, 3, 3), (12, 7), seed=0)
     with pytest.raises(UsageError, match="unknown rank policy 'svd'"):
         choose(weight, RankConfig(policy="svd"))
+
+
+# ------------------------------------------------------------------------------------------------
+# per-node methods in a rank file (the search's mixed allocations)
+
+
+def test_rank_file_entries_may_name_their_method(tmp_path):
+    from onnxfactor.methods import METHODS
+    from onnxfactor.ranks.policies import METHOD_NAMES
+
+    assert METHOD_NAMES == tuple(METHODS)  # ranks/ keeps its own copy (no import of methods/)
+    path = write(tmp_path, {"conv_a": {"method": "cp3", "rank": 40}, "conv_b": {"method": "tucker3", "out": 8, "in": 1, "spatial": 4},
+                            "pw": {"method": "cp4", "rank": 3}, "conv_c": None})
+    known = {**KNOWN_NODES, "conv_c": (False, 8, 8)}
+    entries = load_rank_file(path, known)  # default method tucker2 for entries without one
+    assert entries == {"conv_a": {"rank": 40}, "conv_b": {"out": 8, "in": 1, "spatial": 4}, "pw": {"rank": 3},
+                       "conv_c": {"out": None, "in": None}}
+    assert entries.methods == {"conv_a": "cp3", "conv_b": "tucker3", "pw": "cp4"}
+    assert load_rank_file(path, known, method="auto").methods == entries.methods  # every decomposed entry names one
+
+
+@pytest.mark.parametrize("content, method, fragments", [
+    ({"conv_a": {"method": "svd2", "rank": 3}}, "tucker2", ["'conv_a'", "method 'svd2'", "tucker2, cp3, cp4, tucker3"]),
+    ({"conv_a": [3, 4]}, "auto", ["'conv_a'", "must name its method", "--method auto"]),
+    ({"conv_a": {"method": "tucker2"}}, "tucker2", ["'conv_a'", "no ranks"]),
+    ({"conv_a": {"method": "cp3", "out": 3}}, "tucker2", ["'conv_a'", "{\"rank\": R} for cp3"]),
+])
+def test_rank_file_method_errors(tmp_path, content, method, fragments):
+    path = write(tmp_path, content)
+    with pytest.raises(UsageError) as info:
+        load_rank_file(path, KNOWN_NODES, method=method)
+    assert all(f in str(info.value) for f in fragments), str(info.value)

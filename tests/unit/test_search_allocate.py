@@ -107,3 +107,44 @@ def test_violations_name_each_requirement():
     m = {"accuracy": 0.92, "accuracy_original": 0.93, "agreement": 0.995, "weight_bytes": 2e6, "speedup": float("nan")}
     assert violations(c, m) == ["accuracy drop (points) 1 (> 0.5)", "weight MB 2 (> 1)", "measured speedup nan (< 1.5)"]
     assert violations(Constraints(max_params=10), {"params": None}) == ["parameters unknown (> 10)"]
+
+
+def test_several_methods_make_one_front_with_a_method_per_layer():
+    """``--methods tucker2,cp3``: the allocation runs over every layer's options of both methods, so
+    its front is never worse (predicted loss at a cost) than either method's own front, and its
+    specs name each layer's method (a rank file of ``{"method": ...}`` entries)."""
+    from onnxfactor.search.space import MIXED, layer_spec
+
+    rng = np.random.default_rng(3)
+    curves = _curves(rng, layers=4, options=3)
+    for name, opts in curves.items():  # a second method with its own (cost, loss) trade-off
+        opts += [Option(name, {"method": "cp3", "ranks": {"rank": j + 1}}, float(rng.uniform(0, 1)),
+                        {k: v * float(rng.uniform(0.3, 0.9)) for k, v in o.costs.items()}) for j, o in enumerate(opts[1:])]
+    mixed, _ = pareto_allocations(curves, key="macs")
+    assert any(len({o.setting["method"] for o in a.choice.values() if o.setting}) == 2 for a in mixed)  # methods do mix
+    for method in ("tucker2", "cp3"):
+        single, _ = pareto_allocations({n: [o for o in opts if o.setting is None or o.setting["method"] == method]
+                                        for n, opts in curves.items()}, key="macs")
+        for a in single:
+            assert best_under(mixed, {"macs": a.costs["macs"]}).loss <= a.loss + 1e-12
+
+    class Recorder:
+        def __init__(self):
+            self.specs = []
+
+        def run(self, specs):
+            self.specs += specs
+            return [{"spec": s, "accuracy": 0.9, "accuracy_original": 0.9, "agreement": 1.0, "rel_error": 0.0, "macs": 1.0,
+                     "macs_original": 2.0, "params": 1.0, "weight_bytes": 1.0, "latency_ms": 1.0, "speedup": None} for s in specs]
+
+    recorder = Recorder()
+    config = SearchConfig(constraints=Constraints(min_agreement=0.5), methods=("tucker2", "cp3"), max_evaluations=4)
+    candidates, front, _, _ = run_allocation(curves, {"params": 0, "bytes": 0, "macs": 0}, recorder, config, jobs=2)
+    assert candidates and {r["method"] for r in front} == {MIXED} and len(front) == len(mixed) - 1  # the all-keep point is no candidate
+    for spec in recorder.specs:
+        assert spec["method"] == MIXED
+        entries = [e for e in spec["ranks"].values() if e is not None]
+        assert entries and all(e["method"] in ("tucker2", "cp3") and len(e) == 2 for e in entries)
+    a = mixed[len(mixed) // 2]
+    assert layer_spec(MIXED, a.settings())["ranks"] == {n: (None if o.setting is None else {"method": o.setting["method"], **o.setting["ranks"]})
+                                                        for n, o in sorted(a.choice.items())}
