@@ -18,7 +18,9 @@ Each stage gets the fine-tuning length of ``--epochs`` / ``--steps``, so the tot
 ``stages x`` that. The report's ``finetune.stages`` lists every stage's nodes, ranks, MAC cut so
 far, losses, time and held-out figures; its layer rows are those of the stage that decomposed
 each Conv. Latency selection (``--measure``) runs inside each stage, on that stage's layers.
-Convs only: ``include_linear`` is not applied in this mode.
+With ``include_linear`` the selected Gemm / MatMul layers take part like the Convs: sorted with
+them in graph order into the same stages, decomposed by :mod:`onnxfactor.linear` when their stage
+comes, their weights training while they wait.
 """
 
 from __future__ import annotations
@@ -39,11 +41,25 @@ def stages_of(names: list[str], stage_size: int) -> list[list[str]]:
     return [names[i:i + stage_size] for i in range(0, len(names), stage_size)]
 
 
+#: the ops a stage decomposes (Gemm / MatMul with ``include_linear``)
+STAGED_OPS = ("Conv", "Gemm", "MatMul")
+
+
 def waiting_weights(model: onnx.ModelProto, names: set[str]) -> set[str]:
-    """Weight and bias initializers of the (not yet decomposed) Convs called ``names``."""
+    """Weight and bias initializers of the (not yet decomposed) Conv / Gemm / MatMul nodes called ``names``."""
     initializers = {t.name for t in model.graph.initializer}
-    return {i for node in model.graph.node if node.op_type == "Conv" and node.name in names
+    return {i for node in model.graph.node if node.op_type in STAGED_OPS and node.name in names
             for i in node.input[1:] if i in initializers}
+
+
+def staged_layers(prep, config: CompressConfig, explicit) -> list[str]:
+    """Names of the selected main-graph Convs (and linear layers, with ``include_linear``), in graph order."""
+    from onnxfactor.decompose import selection_reason
+
+    order = {node.name: i for i, node in enumerate(prep.graph.nodes)}
+    sites = [*prep.sites, *prep.linear_sites]
+    chosen = [s for s in sites if s.graph_path == "" and selection_reason(s, config, explicit) is None]
+    return [s.name for s in sorted(chosen, key=lambda s: order.get(s.name, len(order)))]
 
 
 def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfig, stage_size: int, calibration,
@@ -52,17 +68,17 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
 
     ``held_out`` (a :class:`onnxfactor.pipeline.ValidationOptions` with data) measures each stage.
     """
-    from onnxfactor.decompose import selection_reason
     from onnxfactor.finetune.stage import finetune_model
     from onnxfactor.pipeline import CompressResult, _load_explicit, _model_params, _prepare, _runnable, _totals, compress, validate
 
     start = time.perf_counter()
-    prep = _prepare(model, input_shapes)
+    prep = _prepare(model, input_shapes, include_linear=config.include_linear)
     teacher = _runnable(prep.loaded)
-    explicit = _load_explicit(config, prep.sites)
-    selected = [s.name for s in prep.sites if s.graph_path == "" and selection_reason(s, config, explicit) is None]
+    explicit = _load_explicit(config, prep.sites, prep.linear_sites)
+    selected = staged_layers(prep, config, explicit)
     if not selected:
-        raise UsageError("--iterative: no main-graph Conv is selected for decomposition (see --nodes / --exclude)")
+        what = "Conv, Gemm or MatMul" if config.include_linear else "Conv"
+        raise UsageError(f"--iterative: no main-graph {what} is selected for decomposition (see --nodes / --exclude)")
     plan = stages_of(selected, stage_size)
     data = calibration if finetune_data is None else finetune_data
     current, rows, stages, first = teacher, {}, [], None
@@ -133,6 +149,6 @@ def _relabelled(layer, selected: bool, config, explicit, prep):
         return layer
     from onnxfactor.decompose import selection_reason
 
-    site = next((s for s in prep.sites if s.name == layer.name), None)
+    site = next((s for s in [*prep.sites, *prep.linear_sites] if s.name == layer.name), None)
     reason = selection_reason(site, config, explicit) if site is not None else layer.reason
     return dataclasses.replace(layer, reason=reason or layer.reason)

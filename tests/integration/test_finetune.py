@@ -207,3 +207,22 @@ def test_cli_iterative_needs_finetune(tmp_path):
     assert_user_error(cli("compress", MODELS / "fashion_cnn.onnx", "x.onnx", "--calibration", CALIB, "--iterative", cwd=tmp_path),
                       2, "--finetune")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_iterative_mode_with_include_linear_stages_the_fc_layers_in_graph_order(tmp_path):
+    """``--iterative --include-linear``: the Gemm layers join the Convs' stages in graph order, are
+    decomposed when their stage comes and train while they wait."""
+    config = CompressConfig(exclude=("/0/Conv",), include_linear=True, calibration=CalibrationConfig(samples=128))
+    result = compress(MODELS / "fashion_cnn.onnx", config=config, calibration=CALIB,
+                      finetune=FinetuneConfig(steps=3, threads=1, stage_size=3))
+    stages = result.report.finetune["stages"]
+    assert [s["nodes"] for s in stages] == [["/2/Conv", "/5/Conv", "/7/Conv"], ["/10/Conv", "/12/Conv", "/16/Gemm"], ["/18/Gemm"]]
+    assert stages[0]["finetune"]["trained_initializers"] > 0
+    rows = {l.name: l for l in result.report.layers}
+    assert rows["/16/Gemm"].is_linear and rows["/16/Gemm"].status == "decomposed"
+    assert stages[1]["ranks"]["/16/Gemm"] == rows["/16/Gemm"].ranks
+    totals = result.report.totals
+    assert totals.linear_params_after < totals.linear_params_before and totals.conv_macs_ratio > 2
+    onnx.checker.check_model(result.model, full_check=True)
+    x = np.load(TEST)["input"][:16]
+    assert np.isfinite(run_ort(result.model, {"input": x})[0]).all()
