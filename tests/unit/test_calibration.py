@@ -115,6 +115,35 @@ def test_moments_subsample_huge_runs_without_bias():
     np.testing.assert_allclose(np.diag(m.second(0)), [1.0, 4.0, 0.25], rtol=0.05)
 
 
+def test_gram_columns_share_a_budget_per_layer_when_the_sample_count_is_known():
+    from onnxfactor.calibration import statistics as st
+
+    assert st.gram_columns(1, 256) == st.MIN_GRAM_COLUMNS == 1024           # 256 big inputs, one per run: 1024 x 256 = budget
+    assert st.gram_columns(64, 1000) == st.MAX_GRAM_COLUMNS                # the bundled models' runs: unchanged
+    assert st.gram_columns(4, 256) == st.GRAM_BUDGET * 4 // 256 == 4096
+    assert st.gram_columns(1, 100_000) == st.MIN_GRAM_COLUMNS and st.gram_columns(1, None) == st.MAX_GRAM_COLUMNS
+    assert [st.gram_columns(1, None, seen) for seen in (0, 31, 63, 255, 10_000)] == [8192, 8192, 4096, 1024, 1024]  # unknown total
+
+
+def test_moments_with_unequal_column_shares_stay_unbiased():
+    """Runs of different sizes and column shares: each column weighs the pixels it stands for, so
+    the second moment matches the full-pixel one (a run of 4x the pixels counts 4x, whatever its share)."""
+    rng = np.random.default_rng(2)
+    scale = np.array([1.0, 2.0, 0.5]).reshape(1, 3, 1, 1)
+    m, full = Moments.empty(3, 1), Moments.empty(3, 1)
+    for k, (side, columns) in enumerate([(100, 8192), (200, 1024), (100, 2048), (50, 1024)]):
+        x = (rng.standard_normal((1, 3, side, side)) * scale * (1.0 + k)).astype(np.float32)  # each run its own scale
+        m.add(x, rng, columns)
+        full.add(x, rng, columns=10**9)
+    assert m.gram_count == 8192 + 1024 + 2048 + 1024 and m.gram_weight == m.count == full.count
+    np.testing.assert_allclose(np.diag(m.second(0)), np.diag(full.second(0)), rtol=0.06)
+    runs = [(100 * 100, 8192, 1.0), (200 * 200, 1024, 2.0), (100 * 100, 2048, 3.0), (50 * 50, 1024, 4.0)]
+    by_columns = sum(c * f * f for _, c, f in runs) / sum(c for _, c, _ in runs)  # what equal column weights would give
+    by_pixels = sum(p * f * f for p, _, f in runs) / sum(p for p, _, _ in runs)
+    assert abs(by_columns / by_pixels - 1) > 0.15  # 20 %: this case tells the two apart
+    np.testing.assert_allclose(np.diag(m.second(0)), by_pixels * np.array([1.0, 4.0, 0.25]), rtol=0.08)
+
+
 def test_normal_equations_match_lstsq():
     rng = np.random.default_rng(0)
     h = rng.standard_normal((500, 7))
