@@ -264,3 +264,22 @@ def find_conv_sites(graph: gs.Graph, shapes: dict[str, tuple]) -> tuple[list[Con
                 )
             )
     return sites, skipped
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of every initializer of ``model``, subgraphs (If / Loop bodies) included."""
+    total = 0
+
+    def visit(graph: onnx.GraphProto):
+        nonlocal total
+        total += sum(math.prod(t.dims) for t in graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        visit(sub)
+
+    visit(model.graph)
+    return total

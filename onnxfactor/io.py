@@ -894,3 +894,34 @@ def _point_to_file(tensor: TensorProto, location: str, offset: int, length: int)
     for key, value in (("location", location), ("offset", offset), ("length", length)):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, str(value)
+
+
+def model_file_bytes(path: Path, external_data: bool) -> int:
+    """Size of a model file plus, for external-data models, the data files it references."""
+    if not external_data:
+        return path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).exists())
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Once the compressed model is written and dropped, the model (the largest object of the run)
+    has been freed, but glibc keeps its pages, so the checks and ONNX Runtime sessions that follow
+    would raise the peak RSS by their own size on top of it (see tools/bench_compress.py).
+    """
+    import gc
+
+    gc.collect()  # the graphsurgeon graph is full of reference cycles and pins the original protobuf
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -5,7 +5,6 @@ load -> analyse -> ranks -> decompose -> rewrite -> export -> (check, validate, 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,17 +15,19 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxfactor import io as model_io
-from onnxfactor.analysis import ConvSite, SkippedNode, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
+from onnxfactor.analysis import ConvSite, SkippedNode, count_params, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
+from onnxfactor.checks import check_written_model, require_loadable
 from onnxfactor.config import FIT_CHOICES, CompressConfig
 from onnxfactor.decompose import LayerDecomposer
-from onnxfactor.errors import InputModelError, NothingToCompress, OutputError, UsageError, ValidationFailed, first_line
+from onnxfactor.errors import NothingToCompress, UsageError, ValidationFailed
 from onnxfactor.io import check_output_path
 from onnxfactor.linear import LinearSite, decompose_linear, find_linear_sites, select_faster_linear
 from onnxfactor.linear import share_key as linear_share_key
 from onnxfactor.ranks.policies import load_rank_file
-from onnxfactor.report import CompressReport, LayerReport, Totals
+from onnxfactor.report import CompressReport, Totals
 from onnxfactor.rewrite import Rewriter, export_model
 from onnxfactor.speed import Candidate, guard_end_to_end, meet_budget, select_faster_layers, time_options
+from onnxfactor.validation.warning import accuracy_warning
 
 #: progress(done, total, layer_name) is called after each layer.
 Progress = Callable[[int, int, str], None]
@@ -99,43 +100,6 @@ def _prepare(source, input_shapes: dict | None, include_linear: bool = False) ->
 def _opset(prep: _Prepared) -> int | None:
     """The model's default-domain opset (the micro models of the timings use it)."""
     return next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _model_params(model: onnx.ModelProto) -> int:
-    total = 0
-
-    def visit(graph: onnx.GraphProto):
-        nonlocal total
-        total += sum(math.prod(t.dims) for t in graph.initializer)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        visit(sub)
-
-    visit(model.graph)
-    return total
-
-
-def _totals(layers: list[LayerReport], params_before: int, params_after: int) -> Totals:
-    """Conv and (``include_linear``) linear totals, kept apart: the conv figures mean the same with linear layers."""
-    t = Totals(model_params_before=params_before, model_params_after=params_after)
-    for layer in layers:
-        decomposed = layer.status == "decomposed"
-        kind = "linear" if layer.is_linear else "conv"
-        _add(t, f"{kind}_params", layer.params_before, layer.params_after if decomposed else layer.params_before)
-        if layer.macs_before is None or (decomposed and layer.macs_after is None):
-            setattr(t, "linear_macs_known" if layer.is_linear else "macs_known", False)
-            continue
-        _add(t, f"{kind}_macs", layer.macs_before, layer.macs_after if decomposed else layer.macs_before)
-    return t
-
-
-def _add(totals: Totals, prefix: str, before: int, after: int) -> None:
-    setattr(totals, f"{prefix}_before", getattr(totals, f"{prefix}_before") + before)
-    setattr(totals, f"{prefix}_after", getattr(totals, f"{prefix}_after") + after)
 
 
 def _load_explicit(config: CompressConfig, sites: list[ConvSite], linear: list[LinearSite] = ()) -> dict | None:
@@ -225,7 +189,7 @@ def compress(
     timings["decompose"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    params_before = _model_params(prep.loaded.model)
+    params_before = count_params(prep.loaded.model)
     speed = out = None
     if measuring and (candidates or prep.linear):
         t = time.perf_counter()
@@ -253,7 +217,7 @@ def compress(
         layers=layers,
         skipped=[dataclasses.asdict(s) for s in prep.skipped],
         folded=list(prep.loaded.folded),
-        totals=_totals(layers, params_before, _model_params(out)),
+        totals=Totals.of(layers, params_before, count_params(out)),
         timings=timings,
         input_path=str(prep.loaded.path) if prep.loaded.path else None,
         speed=speed,
@@ -399,7 +363,7 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     # the normalised input stays unchanged on this path (trial and final models are copies), so it
     # is timed as it is unless IR < 4 needs its initializers listed as inputs again
     original = _runnable(prep.loaded)
-    _require_loadable(original, providers)
+    require_loadable(original, providers)
     feeds = make_inputs(original, shapes=prep.input_shapes, seed=0).batches[0]
     speed = {"providers": providers, "threads": latency.threads, "margin": latency.margin}
     if cache is not None:
@@ -440,16 +404,6 @@ def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate]
     if result.speedup is not None and result.speedup < 1.0 + latency.margin and result.rounds[-1]["layers"]:
         speed["warning"] = f"the compressed model measured {result.speedup:.2f}x as fast as the original (kept: --allow-slower)"
     return result.model, speed
-
-
-def _require_loadable(model: onnx.ModelProto | Path, providers: list[str]) -> None:
-    """Raise :class:`InputModelError` when ONNX Runtime cannot load the input model (a model or its file)."""
-    from onnxfactor.validation.providers import make_session
-
-    try:
-        make_session(model, providers)
-    except Exception as e:  # noqa: BLE001 - ORT raises its own types
-        raise InputModelError(f"ONNX Runtime cannot load the input model: {first_line(e)}; fix the input model first") from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -503,48 +457,12 @@ def analyze(
         warnings=list(prep.loaded.normalised),
     )
     predicted = [dataclasses.replace(l, status="decomposed" if l.status == "would decompose" else l.status) for l in layers]
-    params = _model_params(prep.loaded.model)
-    totals = _totals(predicted, params, params)
+    params = count_params(prep.loaded.model)
+    totals = Totals.of(predicted, params, params)
     totals.model_params_after = (totals.model_params_before - totals.conv_params_before + totals.conv_params_after
                                  - totals.linear_params_before + totals.linear_params_after)
     report.totals = totals
     return report
-
-
-def check_written_model(path: Path, original: Path | onnx.ModelProto | None = None) -> list[str]:
-    """``onnx.checker`` (full check) and an ONNX Runtime load of the model file at ``path``.
-
-    If the full check fails on a model whose original already fails it (some exporters write
-    models that strict shape inference rejects), the basic check is required instead and a
-    warning is returned. Raises :class:`OutputError` when a check fails, except when ONNX Runtime
-    cannot load the original either: then the input is at fault and :class:`InputModelError` is raised.
-    """
-    warnings = []
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:  # noqa: BLE001 - checker raises several types
-        original_fails = False
-        if original is not None:
-            try:
-                onnx.checker.check_model(str(original) if isinstance(original, Path) else original, full_check=True)
-            except Exception:  # noqa: BLE001
-                original_fails = True
-        if not original_fails:
-            raise OutputError(f"the rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from None
-        try:
-            onnx.checker.check_model(str(path))
-        except Exception as e2:  # noqa: BLE001
-            raise OutputError(f"the rewritten model fails onnx.checker: {str(e2).splitlines()[0]}") from None
-        warnings.append(f"full onnx.checker fails on the original model too ({str(e).splitlines()[0]}); basic check passed")
-    from onnxfactor.validation.providers import make_session
-
-    try:
-        make_session(path, ["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises its own types
-        if original is not None:  # e.g. a weight whose type does not match its Conv input
-            _require_loadable(original, ["CPUExecutionProvider"])
-        raise OutputError(f"ONNX Runtime cannot load the rewritten model: {first_line(e)}") from None
-    return warnings
 
 
 @dataclass(frozen=True)
@@ -684,7 +602,8 @@ def compress_file(
         vr = validate(input_path, tmp_path, options=validation, input_shapes=shapes)
         report.validation = vr.to_dict()
         report.timings["validate"] = time.perf_counter() - t
-        report.accuracy_warning = _accuracy_warning(vr, validation, calibration is not None, config)
+        report.accuracy_warning = accuracy_warning(vr, random_inputs=validation.data is None, calibrated=calibration is not None,
+                                                   reconstructing=(config or CompressConfig()).calibration.reconstruct_steps > 0)
         if not vr.passed(validation.max_rel_error):
             raise ValidationFailed(
                 f"worst output relative L2 error {vr.worst_rel_l2:.3g} exceeds --max-rel-error "
@@ -698,73 +617,22 @@ def compress_file(
             # The checks and validation read the file: the model (the largest object of the run)
             # must be gone before they load their own copies, or its memory adds to theirs.
             del result
-            _release_freed_memory()
+            model_io.release_freed_memory()
             check(written.path)
             written.commit()
         report.output_path = str(output_path)
-        report.totals.model_bytes_before = _file_bytes(input_path, external_data)
-        report.totals.model_bytes_after = _file_bytes(output_path, external_data)
+        report.totals.model_bytes_before = model_io.model_file_bytes(input_path, external_data)
+        report.totals.model_bytes_after = model_io.model_file_bytes(output_path, external_data)
     finally:
         if report_path is not None:
             report.write_json(report_path)
     return report
 
 
-def _accuracy_warning(vr, validation: ValidationOptions, calibrated: bool, config: CompressConfig | None) -> str | None:
-    """The safe default: a measured result far from the original, with the options that trade
-    compression for accuracy (not already in use)."""
-    far = vr.far_from_original()
-    if far is None:
-        return None
-    fixes = ["a weaker rank policy (--ranks weakened --weaken 0.3, --ranks error --target-error 0.1)"]
-    if not calibrated:
-        fixes.append("calibration data (--calibration DATA: data-aware factors and correction)")
-    if (config or CompressConfig()).calibration.reconstruct_steps == 0:
-        fixes.append("layer-wise reconstruction (--reconstruct 300, with --calibration)")
-    where = "on random inputs" if validation.data is None else f"on {vr.input_source}"
-    return f"the compressed model is far from the original {where}: {far}; trade compression for accuracy with " + ", ".join(fixes)
-
-
 def _check_disjoint(input_path: Path, calibration, images, config: CompressConfig | None, validation: ValidationOptions) -> None:
-    model = model_io.load_model(input_path).model
-    _check_disjoint_sources(model, calibration, images, (config or CompressConfig()).calibration.samples, validation)
+    """Refuse calibration data that shares a file or a sample with the validation data (:mod:`onnxfactor.data.overlap`)."""
+    from onnxfactor.data import check_disjoint_data
 
-
-def _check_disjoint_sources(model: onnx.ModelProto, calibration, images, samples, validation: ValidationOptions) -> None:
-    """Refuse calibration (or fine-tuning) data that shares a file or a sample with the validation data."""
-    from onnxfactor.data import check_disjoint, open_source
-
-    fit = open_source(calibration, model, images=images, max_samples=samples, role="calibration")
-    held = open_source(validation.data, model, images=validation.images, max_samples=validation.max_samples, role="validation")
-    check_disjoint(fit, held)
-
-
-def _file_bytes(path: Path, external_data: bool) -> int:
-    """Size of a model file plus, for external-data models, the data files it references."""
-    if not external_data:
-        return path.stat().st_size
-    model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                locations.add(entry.value)
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).exists())
-
-
-def _release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Once the compressed model is written and dropped, the model (the largest object of the run)
-    has been freed, but glibc keeps its pages, so the checks and ONNX Runtime sessions that follow
-    would raise the peak RSS by their own size on top of it (see tools/bench_compress.py).
-    """
-    import gc
-
-    gc.collect()  # the graphsurgeon graph is full of reference cycles and pins the original protobuf
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    check_disjoint_data(model_io.load_model(input_path).model, calibration, validation.data, images=images,
+                        samples=(config or CompressConfig()).calibration.samples, validation_images=validation.images,
+                        validation_samples=validation.max_samples)

@@ -118,6 +118,25 @@ class Totals:
     def model_params_ratio(self) -> float | None:
         return _ratio(self.model_params_before, self.model_params_after)
 
+    @classmethod
+    def of(cls, layers: list["LayerReport"], params_before: int, params_after: int) -> "Totals":
+        """Conv and (``include_linear``) linear totals of ``layers``, kept apart: the conv figures
+        mean the same with linear layers; ``params_*`` are the whole model's."""
+        t = cls(model_params_before=params_before, model_params_after=params_after)
+        for layer in layers:
+            decomposed = layer.status == "decomposed"
+            kind = "linear" if layer.is_linear else "conv"
+            t._add(f"{kind}_params", layer.params_before, layer.params_after if decomposed else layer.params_before)
+            if layer.macs_before is None or (decomposed and layer.macs_after is None):
+                setattr(t, "linear_macs_known" if layer.is_linear else "macs_known", False)
+                continue
+            t._add(f"{kind}_macs", layer.macs_before, layer.macs_after if decomposed else layer.macs_before)
+        return t
+
+    def _add(self, prefix: str, before: int, after: int) -> None:
+        setattr(self, f"{prefix}_before", getattr(self, f"{prefix}_before") + before)
+        setattr(self, f"{prefix}_after", getattr(self, f"{prefix}_after") + after)
+
 
 @dataclass
 class CompressReport:

@@ -29,7 +29,7 @@ from .checks import check_feeds
 from .images import IMAGE_EXTENSIONS, ImageFolderSource, ImageSpec, image_spec
 from .iterable import IterableSource
 from .npz import NpzSource
-from .overlap import check_disjoint, sample_digests
+from .overlap import check_disjoint, check_disjoint_data, sample_digests
 from .script import ScriptSource, parse_script
 from .signature import signature
 from .source import Batch, FeedSource, LimitedSource, role_flags
@@ -42,6 +42,7 @@ __all__ = [
     "ImageSpec",
     "check_data_exists",
     "check_disjoint",
+    "check_disjoint_data",
     "check_feeds",
     "image_spec",
     "open_source",

@@ -98,3 +98,14 @@ def check_disjoint(calibration: FeedSource, validation: FeedSource) -> None:
             f"(e.g. calibration sample {digests_a[first]} = validation sample {digests_b[first]}); fitting and validating "
             f"on the same samples reports accuracy you will not see: {_FIX}"
         )
+
+
+def check_disjoint_data(model, calibration, validation, *, images=None, samples: int | None = None,
+                        validation_images=None, validation_samples: int | None = None) -> None:
+    """:func:`check_disjoint` of calibration (or fine-tuning) and validation data in any form
+    :func:`onnxfactor.data.open_source` takes, for ``model``'s inputs."""
+    from onnxfactor.data import open_source
+
+    fit = open_source(calibration, model, images=images, max_samples=samples, role="calibration")
+    held = open_source(validation, model, images=validation_images, max_samples=validation_samples, role="validation")
+    check_disjoint(fit, held)

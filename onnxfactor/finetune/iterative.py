@@ -68,8 +68,10 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
 
     ``held_out`` (a :class:`onnxfactor.pipeline.ValidationOptions` with data) measures each stage.
     """
+    from onnxfactor.analysis import count_params
     from onnxfactor.finetune.stage import finetune_model
-    from onnxfactor.pipeline import CompressResult, _load_explicit, _model_params, _prepare, _runnable, _totals, compress, validate
+    from onnxfactor.pipeline import CompressResult, _load_explicit, _prepare, _runnable, compress, validate
+    from onnxfactor.report import Totals
 
     start = time.perf_counter()
     prep = _prepare(model, input_shapes, include_linear=config.include_linear)
@@ -103,7 +105,7 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
                                    progress=step, extra_trainable=extra)
             record["finetune"] = {k: tuned.get(k) for k in ("steps", "loss_first", "loss_last", "seconds", "peak_rss_mb",
                                                             "per_epoch", "trained_initializers")}
-        totals = _totals([rows.get(layer.name, layer) for layer in first.layers], 0, 0)
+        totals = Totals.of([rows.get(layer.name, layer) for layer in first.layers], 0, 0)
         record["conv_macs_ratio_so_far"] = totals.conv_macs_ratio
         if held_out is not None and held_out.data is not None:
             vr = validate(teacher, out, options=dataclasses.replace(held_out, latency_runs=0))
@@ -120,7 +122,7 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
     report = first
     report.config = dataclasses.asdict(config)
     report.layers = [_relabelled(rows.get(layer.name, layer), layer.name in selected, config, explicit, prep) for layer in first.layers]
-    report.totals = _totals(report.layers, _model_params(teacher), _model_params(current))
+    report.totals = Totals.of(report.layers, count_params(teacher), count_params(current))
     report.finetune = {"iterative": True, "stage_size": stage_size, "stages": stages,
                        "seconds": round(sum(s.get("finetune", {}).get("seconds") or 0 for s in stages), 2),
                        "peak_rss_mb": max((s.get("finetune", {}).get("peak_rss_mb") or 0 for s in stages), default=0)}

@@ -122,8 +122,9 @@ def finetune_file(compressed_path, output_path, teacher_path, data, *, config: F
     import json
 
     from onnxfactor import io as model_io
-    from onnxfactor.data import check_data_exists
-    from onnxfactor.pipeline import _check_disjoint_sources, check_written_model, validate
+    from onnxfactor.checks import check_written_model
+    from onnxfactor.data import check_data_exists, check_disjoint_data
+    from onnxfactor.pipeline import validate
     from onnxfactor.report import to_jsonable
 
     compressed_path, output_path = Path(compressed_path), Path(output_path)
@@ -137,7 +138,8 @@ def finetune_file(compressed_path, output_path, teacher_path, data, *, config: F
     teacher = model_io.load_model(teacher_path).model
     check_same_interface(student.model, teacher)
     if validation is not None and validation.data is not None and not allow_overlap:
-        _check_disjoint_sources(teacher, data, images, samples, validation)
+        check_disjoint_data(teacher, data, validation.data, images=images, samples=samples, validation_images=validation.images,
+                            validation_samples=validation.max_samples)
     raw = onnx.load(str(compressed_path))
     start = time.perf_counter()
     report = {"input_path": str(compressed_path), "teacher": str(teacher_path), "output_path": None,
