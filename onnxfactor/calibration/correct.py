@@ -268,8 +268,8 @@ def _accumulate(model, original, group, nodes, calibration: CalibrationData, pro
     """Per layer and group, ``(fit, held-out)`` normal equations of its last conv over the cached samples."""
     h_names = {c.site.name: nodes[c.site.name][-1].input[0] for c in group}
     y_names = {c.site.name: calibration.layers[c.site.name].output_name for c in group}
-    compressed = Probe(model, list(h_names.values()), providers, prune=True)
-    reference = Probe(original, list(y_names.values()), providers, prune=True)
+    compressed = Probe(model, list(h_names.values()), providers, prune=True, spinning=False)  # the two take turns
+    reference = Probe(original, list(y_names.values()), providers, prune=True, spinning=False)
     total = max(1, sum(len(chunk.samples) for chunk in calibration.cache))
     sums = {}
     for c in group:
@@ -307,7 +307,7 @@ def _gather(model: onnx.ModelProto, group, calibration: CalibrationData, provide
     stats = {c.site.name: calibration.layers[c.site.name] for c in group if calibration.layers[c.site.name].tiles.count}
     if not stats:
         return {}
-    probe = Probe(model, [st.input_name for st in stats.values()], providers, prune=True)
+    probe = Probe(model, [st.input_name for st in stats.values()], providers, prune=True, spinning=False)
     where = {name: calibration.locate(st.tiles.samples) for name, st in stats.items()}
     out = {name: np.empty_like(st.tiles.windows) for name, st in stats.items()}
     needed = sorted({chunk for w in where.values() for chunk, _ in w})

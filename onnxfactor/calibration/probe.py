@@ -49,12 +49,17 @@ def needed_nodes(graph: onnx.GraphProto, outputs: list[str]) -> list[int]:
 class Probe:
     """A session on a copy of ``model`` whose outputs are ``names`` (with ``prune``: only them).
 
+    ``spinning=False`` for a probe that takes turns with another session or with torch (the
+    correction's passes, the distillation's teacher): its idle worker threads then do not spin
+    and steal the core the other one runs on (:func:`onnxfactor.validation.providers.make_session`).
+    A probe run back to back (the statistics pass) keeps ONNX Runtime's spinning.
+
     ``model`` is not modified (it is copied once). :meth:`run` returns name -> array for every
     name in ``names``. ``prune`` keeps only the nodes those tensors depend on.
     """
 
     def __init__(self, model: onnx.ModelProto, names: list[str], providers: list[str], *, threads: int | None = None,
-                 prune: bool = False):
+                 prune: bool = False, spinning: bool = True):
         from onnxfactor.validation.providers import make_session
 
         self.inputs = {v.name for v in model.graph.input}
@@ -71,7 +76,7 @@ class Probe:
         present = {o.name for o in probe.graph.output}
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self.fetch if n not in present)
         try:
-            self.session = make_session(probe, providers, threads=threads)
+            self.session = make_session(probe, providers, threads=threads, spinning=spinning)
         except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types
             raise UsageError(f"ONNX Runtime cannot run the model with its Conv tensors exposed for calibration: {first_line(e)}") from None
 

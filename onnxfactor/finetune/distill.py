@@ -154,7 +154,7 @@ def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, source, trainabl
     outputs = [o.name for o in teacher.graph.output]
     features = [f for f in features if f not in outputs]
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    reference = Probe(teacher, outputs + features, providers)  # the teacher: ONNX Runtime, no gradients
+    reference = Probe(teacher, outputs + features, providers, spinning=False)  # the teacher: ONNX Runtime, no gradients; takes turns with torch
     produced = {o for node in teacher.graph.node for o in node.output}
     strangers = [f for f in features if f not in produced]
     if strangers:

@@ -433,7 +433,7 @@ def check_against_ort(module, model: onnx.ModelProto, batches, *, tolerance: flo
 
     from onnxfactor.validation.providers import make_session
 
-    session = make_session(model, ["CPUExecutionProvider"])
+    session = make_session(model, ["CPUExecutionProvider"], spinning=False)  # takes turns with torch
     names = [o.name for o in session.get_outputs()]
     worst = 0.0
     with torch.no_grad():

@@ -210,6 +210,24 @@ def test_make_session_options(from_path, tmp_path):
     assert session.get_providers() == CPU
 
 
+def test_sessions_that_take_turns_do_not_spin_and_the_statistics_probe_does():
+    """The correction's probes and the distillation's teacher take turns with another session or
+    with torch: their idle workers must not spin; a probe run back to back keeps the default."""
+    from onnxfactor.calibration.probe import Probe
+
+    def spin(session):
+        options = session.get_session_options()
+        return [options.get_session_config_entry(f"session.{k}.allow_spinning") for k in ("intra_op", "inter_op")]
+
+    quiet = make_session(classifier(), CPU, spinning=False)
+    assert spin(quiet) == ["0", "0"]
+    assert quiet.get_session_options().execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    with pytest.raises(RuntimeError):  # no entry: ONNX Runtime's default (spinning)
+        spin(make_session(classifier(), CPU))
+    turns = Probe(classifier(), [], CPU, spinning=False)
+    assert spin(turns.session) == ["0", "0"]
+
+
 @pytest.mark.parametrize("threads", [0, -1, 1.5])
 def test_make_session_rejects_bad_threads(threads):
     with pytest.raises(UsageError, match="--threads"):
