@@ -112,8 +112,8 @@ def make_session(
     nodes run sequentially. ``spinning=False`` only stops the spinning, for sessions that take
     turns with another session or with torch (the correction's two probes, the distillation's
     teacher): a spinning idle worker steals the core the other one needs (measured on 2 cores,
-    fashion_vgg_wide: correction 2.7-3.7 -> 0.9 s, a distillation epoch 4.0 -> 3.5 s; PP-OCRv4
-    det, 256 inputs: correction 47 -> 42 s). A session run back to back keeps it: spinning bridges
+    fashion_vgg_wide: correction 2.7-3.7 -> 0.9 s, a distillation epoch 4.0 -> 3.5 s; NudeNet
+    320n: correction 28.4 -> 21.5 s). A session run back to back keeps it: spinning bridges
     the gaps between its nodes. The graph optimisation level is ONNX Runtime's default
     (``ORT_ENABLE_ALL``), so two models compared with the same arguments are optimised alike.
     ONNX Runtime's own exceptions (model cannot be loaded) propagate unchanged.

@@ -224,6 +224,8 @@ def test_sessions_that_take_turns_do_not_spin_and_the_statistics_probe_does():
     assert quiet.get_session_options().execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     with pytest.raises(RuntimeError):  # no entry: ONNX Runtime's default (spinning)
         spin(make_session(classifier(), CPU))
+    with pytest.raises(RuntimeError):  # the statistics pass's probe runs back to back: it spins
+        spin(Probe(classifier(), [], CPU).session)
     turns = Probe(classifier(), [], CPU, spinning=False)
     assert spin(turns.session) == ["0", "0"]
 
