@@ -18,6 +18,7 @@ from onnxfactor import io as model_io
 from onnxfactor.analysis import ConvSite, SkippedNode, count_params, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
 from onnxfactor.checks import check_written_model, require_loadable
 from onnxfactor.config import FIT_CHOICES, CompressConfig
+from onnxfactor.data.shapes import shape_sources, with_data_shapes
 from onnxfactor.decompose import LayerDecomposer
 from onnxfactor.errors import NothingToCompress, UsageError, ValidationFailed
 from onnxfactor.io import check_output_path
@@ -59,12 +60,15 @@ class _Prepared:
     linear: list[Candidate] = dataclasses.field(default_factory=list)  # their chains, applied by every _build
 
 
-def _prepare(source, input_shapes: dict | None, include_linear: bool = False) -> _Prepared:
+def _prepare(source, input_shapes: dict | None, include_linear: bool = False, data=()) -> _Prepared:
+    """Load and analyse ``source``; ``data`` (``(data, images, role)`` triples) may fix its dynamic dims
+    (:func:`onnxfactor.data.shapes.with_data_shapes`)."""
+    from onnxfactor.validation.dims import fit_dynamic_dims
     from onnxfactor.validation.inputs import resolve_input_shapes
 
-    from onnxfactor.validation.dims import fit_dynamic_dims
-
     loaded = model_io.load_model(source)
+    input_shapes, note = with_data_shapes(loaded.model, input_shapes, data)
+    loaded.normalised.extend([note] if note else [])
     resolved = resolve_input_shapes(loaded.model, input_shapes or {})
     runnable = _runnable(loaded)
     run_error = None
@@ -149,7 +153,7 @@ def compress(
     config = config or CompressConfig()
     timings = {}
     t0 = time.perf_counter()
-    prep = _prepare(model, input_shapes, include_linear=config.include_linear)
+    prep = _prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images, held_out))
     explicit = _load_explicit(config, prep.sites, prep.linear_sites)
     timings["load_and_analyse"] = time.perf_counter() - t0
     fallback = teacher = None
@@ -162,7 +166,7 @@ def compress(
             from onnxfactor.finetune.iterative import compress_iterative
 
             return compress_iterative(model, config=config, finetune=finetune, stage_size=finetune.stage_size, calibration=calibration,
-                                      finetune_data=finetune_data, images=images, input_shapes=input_shapes, held_out=held_out,
+                                      finetune_data=finetune_data, images=images, input_shapes=prep.input_shapes, held_out=held_out,
                                       progress=progress, timer=timer)
         teacher = _copy(_runnable(prep.loaded))  # the final build rewrites prep's model in place
     reconstruct = _reconstructor(config) if calibration is not None else None  # a missing torch fails fast
@@ -250,7 +254,7 @@ def calibrate(
     (``nodes`` / ``exclude``) and the calibration options.
     """
     config = config or CompressConfig()
-    prep = _prepare(model, input_shapes)
+    prep = _prepare(model, input_shapes, data=shape_sources(calibration, images))
     return _calibrate(prep, config, _load_explicit(config, prep.sites), calibration, images, progress)
 
 
@@ -429,7 +433,7 @@ def analyze(
     timed against its chain (``LayerReport.latency``), as the measured selection of ``compress``.
     """
     config = config or CompressConfig()
-    prep = _prepare(model, input_shapes, include_linear=config.include_linear)
+    prep = _prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images))
     explicit = _load_explicit(config, prep.sites, prep.linear_sites)
     calib = _calibrate(prep, config, explicit, calibration, images, None)
     decomposer = LayerDecomposer(config, explicit, prep.sites, calib)

@@ -136,8 +136,9 @@ class Renderer:
             self.console.print(f"task metric {escape(v['task_metric_name'])}: {v['task_metric']:.4f}")
         lo, lc = v.get("latency_original"), v.get("latency_compressed")
         if lo and lc:
+            at = " ".join(f"{n}={'x'.join(map(str, d))}" for n, d in (v.get("latency_shapes") or {}).items())
             self.console.print(
-                f"latency (median of {lo['runs']} interleaved runs) {lo['median_ms']:.3f} ms -> {lc['median_ms']:.3f} ms "
+                f"latency{' at ' + escape(at) if at else ''} (median of {lo['runs']} interleaved runs) {lo['median_ms']:.3f} ms -> {lc['median_ms']:.3f} ms "
                 f"(speedup {lo['median_ms'] / lc['median_ms']:.2f}x)"
             )
 

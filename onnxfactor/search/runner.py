@@ -131,6 +131,8 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
     """
     from onnxfactor import calibrate
     from onnxfactor.config import CompressConfig
+    from onnxfactor.data.shapes import shape_sources, with_data_shapes
+    from onnxfactor.io import load_model
 
     config = config or SearchConfig()
     base = base or CompressConfig()
@@ -138,6 +140,7 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
     t0 = time.perf_counter()
     seconds: dict = {}
     model = Path(model)
+    input_shapes, _ = with_data_shapes(load_model(model).model, input_shapes, shape_sources(calibration, images, held_out))
     stats = calibrate(model, calibration, config=base, images=images, input_shapes=input_shapes)
     seconds["calibration"] = round(time.perf_counter() - t0, 2)
     cache = Cache(config.cache)

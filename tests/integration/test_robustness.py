@@ -3,6 +3,7 @@ shape-less outputs, non-finite outputs, the timing cache, the safe-default warni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -205,3 +206,43 @@ def test_external_data_on_request(tmp_path):
     x = {"input": np.load(MODELS / "fashion_mnist_test.npz")["input"][:4]}
     expected = run_ort(compress(MODELS / "fashion_cnn.onnx", config=CompressConfig(ranks=RankConfig(policy="ratio"), exclude=("/0/Conv",))).model, x)[0]
     assert rel_l2(expected, run_ort(tmp_path / "out.onnx", x)[0]) < 1e-6
+
+
+def dynamic_conv_model() -> onnx.ModelProto:
+    """One 3x3 Conv (16 -> 16) whose input is ``x: [N, 16, H, W]`` (a detector's dynamic page size)."""
+    model = make_conv_model(16, 16, (3, 3), (11, 13), pads=[1, 1, 1, 1])
+    for axis, name in ((0, "N"), (2, "H"), (3, "W")):
+        model.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = name
+    return model
+
+
+def test_dynamic_dims_come_from_the_data_and_latency_is_timed_at_one_sample(tmp_path):
+    """Fed 20 x 28 calibration inputs and 30 x 18 held-out ones, the model is analysed, timed and
+    validated at the held-out size with batch 1 (not 224 x 224); the report says so."""
+    model = dynamic_conv_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((12, 16, 20, 28)).astype(np.float32))
+    np.savez(tmp_path / "held.npz", x=rng.standard_normal((8, 16, 30, 18)).astype(np.float32))
+    from onnxfactor import ValidationOptions
+
+    config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=0.5), min_reduction=None,
+                            latency=LatencyConfig(allow_slower=True))
+    report = compress_file(tmp_path / "m.onnx", tmp_path / "out.onnx", config=config, calibration=tmp_path / "calib.npz",
+                           validation=ValidationOptions(data=tmp_path / "held.npz", latency_runs=3))
+    assert report.input_shapes == {"x": [1, 16, 30, 18]}
+    assert any("first sample of the validation data: x=1x16x30x18" in w for w in report.warnings)
+    layer = report.layers[0]
+    assert layer.macs_before == 16 * 16 * 9 * 30 * 18  # per sample, at the data's size
+    assert report.validation["samples"] == 8 and report.validation["latency_shapes"] == {"x": [1, 16, 30, 18]}
+    # calibration data alone fixes them too; --input-shape wins over both
+    _, alone = compress(model, config=dataclasses.replace(config, latency=None), calibration=tmp_path / "calib.npz")
+    assert alone.input_shapes == {"x": [1, 16, 20, 28]}
+    _, given = compress(model, config=dataclasses.replace(config, latency=None), calibration=tmp_path / "calib.npz",
+                        input_shapes={"x": (2, 16, 9, 9)})
+    assert given.input_shapes == {"x": [2, 16, 9, 9]} and not any("first sample" in w for w in given.warnings)
+    # a one-shot generator is not peeked at (its first batch would be lost): the defaults stay
+    feeds = ({"x": rng.standard_normal((4, 16, 20, 28)).astype(np.float32)} for _ in range(3))
+    _, once = compress(model, config=dataclasses.replace(config, latency=None), calibration=feeds)
+    assert once.input_shapes == {"x": [1, 16, 224, 224]}
+    assert once.calibration["samples"] == 12  # every batch of the generator reached the statistics

@@ -632,3 +632,28 @@ def test_bundled_calibration_and_test_sets_are_disjoint():
         # normalised alike: both sets take the same 256 values, (k / 255 - 0.2860) / 0.3530
         levels = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.2860)) / np.float32(0.3530)
         assert np.isin(calib["input"], levels).all() and np.isin(ref["input"], levels).all()
+
+
+def test_shapes_from_data_fix_dynamic_dims_but_not_fixed_or_given_ones(photos, tmp_path):
+    from onnxfactor.data.shapes import rereadable, shapes_from_data, with_data_shapes
+
+    dynamic = image_model(["N", 3, "H", "W"])
+    folder = shapes_from_data(dynamic, photos, images=ImageSpec(size=(48, 80)))
+    assert folder == {"x": (1, 3, 48, 80)}  # batch 1 whatever the folder's batch size
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 3, 20, 28), np.float32))
+    assert shapes_from_data(dynamic, tmp_path / "d.npz") == {"x": (1, 3, 20, 28)}
+    assert shapes_from_data(dynamic, tmp_path / "d.npz", given={"x": (1, 3, 9, 9)}) == {}
+    fixed_batch = image_model([2, 3, "H", "W"])  # a fixed batch stays the model's
+    np.savez(tmp_path / "f.npz", x=np.zeros((4, 3, 20, 28), np.float32))
+    assert shapes_from_data(fixed_batch, tmp_path / "f.npz") == {"x": (2, 3, 20, 28)}
+    assert shapes_from_data(image_model(["N", 3, 20, 28]), tmp_path / "d.npz") == {}  # only batch is dynamic
+    listed = [{"x": np.zeros((2, 3, 7, 5), np.float32)}]
+    assert rereadable(listed) and shapes_from_data(dynamic, listed) == {"x": (1, 3, 7, 5)}
+    generator = (b for b in listed)
+    assert not rereadable(generator) and shapes_from_data(dynamic, generator) == {}
+    assert next(generator)["x"].shape == (2, 3, 7, 5)  # not consumed
+    shapes, note = with_data_shapes(dynamic, None, [(generator, None, "validation"), (tmp_path / "d.npz", None, "calibration")])
+    assert shapes == {"x": (1, 3, 20, 28)} and "calibration data: x=1x3x20x28" in note
+    with pytest.raises(UsageError, match="NaN"):
+        np.savez(tmp_path / "nan.npz", x=np.full((1, 3, 4, 4), np.nan, np.float32))
+        shapes_from_data(dynamic, tmp_path / "nan.npz")
