@@ -639,6 +639,32 @@ def test_validate_streams_batches(monkeypatch):
     assert result.latency_original.runs == 2
 
 
+def test_validate_runs_large_batches_in_parts_and_times_one_sample(npz, monkeypatch):
+    """A batch whose input exceeds VALIDATION_RUN_BYTES is run in parts (same metrics as one run);
+    latency is timed on its first sample; a fixed batch axis is never split."""
+    import onnxfactor.validation.compare as compare_mod
+
+    delta = np.array([0.3, -0.2, 0.0, 0.5, -0.4], np.float32)
+    x = samples(10, seed=5)
+    labels = np.random.default_rng(7).integers(0, CLASSES, 10)
+    model, perturbed = classifier("N"), classifier("N", bias_delta=delta)
+    whole = validate(model, perturbed, inputs=make_inputs(model, data=npz(x=x, labels=labels)), providers=CPU, latency_runs=0)
+    seen = []
+    real_run = compare_mod._run
+    monkeypatch.setattr(compare_mod, "_run", lambda s, feeds, *a: seen.append(feeds["x"].shape[0]) or real_run(s, feeds, *a))
+    monkeypatch.setattr(compare_mod, "VALIDATION_RUN_BYTES", 3 * x[0].nbytes)
+    parts = validate(model, perturbed, inputs=make_inputs(model, data=npz("b.npz", x=x, labels=labels)), providers=CPU, latency_runs=2)
+    assert seen == [3, 3, 3, 3, 3, 3, 1, 1]  # original and compressed take turns on parts of 3 samples
+    assert parts.outputs[0].rel_l2 == pytest.approx(whole.outputs[0].rel_l2, rel=1e-9)
+    assert parts.outputs[0].top1_agreement == whole.outputs[0].top1_agreement and parts.samples == 10
+    assert parts.accuracy_compressed == whole.accuracy_compressed
+    assert parts.latency_shapes == {"x": [1, *x.shape[1:]]}
+    seen.clear()
+    fixed = validate(classifier(10), classifier(10, bias_delta=delta), inputs=make_inputs(classifier(10), data=npz("c.npz", x=x)),
+                     providers=CPU, latency_runs=1)
+    assert seen == [10, 10] and fixed.latency_shapes == {"x": [10, *x.shape[1:]]}
+
+
 def test_validate_errors(tmp_path):
     model = classifier()
     inputs = make_inputs(model)
