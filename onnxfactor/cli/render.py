@@ -186,6 +186,10 @@ class Renderer:
             f"{escape(finetune['data'])}: {finetune['steps']} steps ({finetune['epochs']:.2f} epochs) on {finetune['device']}, "
             f"loss {finetune['loss_first']:.4g} -> {finetune['loss_last']:.4g}, {finetune['seconds']:.1f} s{per}, "
             f"peak RSS {finetune['peak_rss_mb']:.0f} MB")
+        before, after = finetune.get("held_out_loss_before"), finetune.get("held_out_loss_after")
+        if before is not None and after is not None:
+            kept = "kept" if finetune.get("applied", True) else "[yellow]not applied: the starting weights are written[/]"
+            self.console.print(f"fine-tuning held-out loss (first batch, not trained on) {before:.4g} -> {after:.4g}: {kept}")
 
     def compress_report(self, report) -> None:
         if not self.quiet:

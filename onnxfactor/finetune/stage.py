@@ -20,8 +20,10 @@ import onnx
 from onnxfactor.config import CompressConfig, FinetuneConfig
 from onnxfactor.errors import UsageError
 
-#: node names the rewrite gives a chain's convs
-CHAIN_NODE = re.compile(r"^(?P<base>.+)/(?:tucker2|tucker3|cp3|cp4|svd)_[A-Za-z0-9]+(?:_\d+)?$")
+#: node names the rewrite gives a chain's convs: ``<node>/<method>_<role>``, the role itself may hold
+#: underscores (the SVD of a 1x1 conv: ``svd_svd_a``, ``svd_svd_b``; before this was allowed, every
+#: 1x1 conv decomposed by SVD was left out of the fine-tuning: on PP-OCRv6 tiny rec 3 of 20 chains trained)
+CHAIN_NODE = re.compile(r"^(?P<base>.+)/(?:tucker2|tucker3|cp3|cp4|svd)_[A-Za-z0-9_]+$")
 
 
 def chain_tensors(model: onnx.ModelProto, train: str = "factors") -> tuple[set[str], list[str]]:
@@ -71,11 +73,24 @@ def finetune_model(compressed: onnx.ModelProto, teacher: onnx.ModelProto, data, 
     trainable |= set(extra_trainable)
     if not trainable:
         raise UsageError("the model has no decomposed chain to fine-tune (no <node>/<method>_<role> convs); use --train all")
+    fixed = fixed_batch(teacher)
+    note = None
+    if fixed is not None and fixed != config.batch_size:  # the graph (and its Reshapes) only runs that batch
+        note = f"batch size {fixed}, the model's fixed batch dimension (not --batch-size {config.batch_size})"
+        config = dataclasses.replace(config, batch_size=fixed)
     source = open_source(data, teacher, images=images, max_samples=samples, batch_size=config.batch_size, role="calibration")
     values, result = distill(compressed, teacher, source, trainable, features, config, progress=progress)
     written = write_back(compressed, values)
     return {**result.to_dict(), "train": config.train, "trained_initializers": len(written), "features": len(features),
-            "data": source.describe}
+            "data": source.describe, **({"batch_note": note} if note else {})}
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed axis 0 of the model's real inputs (NudeNet 320n, ddddocr det: 1), None when it is dynamic."""
+    from onnxfactor.data.signature import declared_dims, real_inputs
+
+    dims = {d[0] for d in (declared_dims(v) for v in real_inputs(model)) if d}
+    return next(iter(dims)) if len(dims) == 1 and None not in dims else None
 
 
 def preflight(model: onnx.ModelProto, config: CompressConfig, data):
@@ -124,6 +139,8 @@ def finetune_file(compressed_path, output_path, teacher_path, data, *, config: F
     from onnxfactor import io as model_io
     from onnxfactor.checks import check_written_model
     from onnxfactor.data import check_data_exists, check_disjoint_data
+    from onnxfactor.errors import NothingToCompress
+    from onnxfactor.finetune.graph import ConversionError
     from onnxfactor.pipeline import validate
     from onnxfactor.report import to_jsonable
 
@@ -142,8 +159,14 @@ def finetune_file(compressed_path, output_path, teacher_path, data, *, config: F
                             validation_samples=validation.max_samples)
     raw = onnx.load(str(compressed_path))
     start = time.perf_counter()
-    report = {"input_path": str(compressed_path), "teacher": str(teacher_path), "output_path": None,
-              "finetune": finetune_model(raw, teacher, data, config, images=images, samples=samples, progress=progress)}
+    try:
+        tuned = finetune_model(raw, teacher, data, config, images=images, samples=samples, progress=progress)
+    except ConversionError as e:  # ddddocr's OCR model holds an LSTM: exit 5, not a crash
+        raise NothingToCompress(
+            f"cannot fine-tune {compressed_path.name}: {e} (the layer-wise reconstruction needs no conversion: "
+            f"onnxfactor compress ORIGINAL OUT --calibration DATA --reconstruct 300; compress --finetune falls back to it)"
+        ) from None
+    report = {"input_path": str(compressed_path), "teacher": str(teacher_path), "output_path": None, "finetune": tuned}
     report["finetune"]["wall_seconds"] = round(time.perf_counter() - start, 2)
     try:
         with model_io.write_temporary(raw, output_path, external_data=student.external_data) as written:

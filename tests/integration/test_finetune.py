@@ -54,6 +54,21 @@ def test_round_trip_without_training_is_byte_identical():
     assert model.SerializeToString() == before
 
 
+@pytest.mark.parametrize("kernel,method,nodes", [((1, 1), "tucker2", 2), ((3, 3), "tucker2", 3), ((3, 3), "cp3", 3),
+                                                  ((3, 3), "cp4", 4), ((3, 3), "tucker3", 4)])
+def test_every_chain_the_rewrite_makes_is_trainable(kernel, method, nodes):
+    """Every method's chain nodes are recognised (the SVD of a 1x1 conv, ``svd_svd_a`` / ``svd_svd_b``,
+    was not): all of a one-Conv model's initializers train and its output is the feature."""
+    from tests.conftest import make_conv_model
+
+    config = CompressConfig(method=method, ranks=RankConfig(policy="ratio", ratio=0.5), min_reduction=None)
+    model = compress(make_conv_model(16, 16, kernel, (9, 9)), config=config).model
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == nodes
+    trainable, features = chain_tensors(model)
+    assert trainable == {t.name for t in model.graph.initializer} and features == ["y"]
+
+
 def test_one_training_step_changes_only_the_trainable_initializers():
     model = _compressed()
     teacher = onnx.load(str(MODELS / "fashion_cnn.onnx"))
@@ -92,7 +107,8 @@ def _shared_weight_model() -> onnx.ModelProto:
     """x -> conv_a(w) -> Relu -> conv_b(w) -> y: one weight, two Convs."""
     rng = np.random.default_rng(0)
     u, v = np.linalg.qr(rng.standard_normal((16, 4)))[0], np.linalg.qr(rng.standard_normal((16, 4)))[0]
-    w = np.einsum("abhw,oa,ib->oihw", rng.standard_normal((4, 4, 3, 3)), u, v).astype(np.float32)
+    w = np.einsum("abhw,oa,ib->oihw", rng.standard_normal((4, 4, 3, 3)), u, v)
+    w = (w + 0.05 * rng.standard_normal(w.shape)).astype(np.float32)  # not exactly rank 4: there is something to learn
     nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv_a", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
              helper.make_node("Conv", ["r", "w"], ["y"], name="conv_b", pads=[1, 1, 1, 1])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16, 8, 8])],
@@ -109,10 +125,30 @@ def test_shared_weights_stay_tied():
     shared = {n.name: n.SerializeToString() for n in model.graph.initializer if sum(n.name in node.input for node in model.graph.node) == 2}
     assert len(shared) == 3  # the factors of the one weight, used by both chains
     data = [{"x": np.random.default_rng(i).standard_normal((4, 16, 8, 8)).astype(np.float32)} for i in range(4)]
-    finetune_model(model, original, data, FinetuneConfig(steps=3, threads=1))
+    report = finetune_model(model, original, data, FinetuneConfig(steps=3, threads=1))
+    assert report["applied"] and report["held_out_loss_after"] < report["held_out_loss_before"]
     after = {n.name: n.SerializeToString() for n in model.graph.initializer if sum(n.name in node.input for node in model.graph.node) == 2}
     assert list(after) == list(shared) and len(model.graph.initializer) == len(model.graph.initializer)
     assert all(after[n] != shared[n] for n in shared)  # trained, and still one tensor each for both Convs
+
+
+def test_fine_tuning_that_does_not_lower_the_held_out_loss_is_not_applied():
+    """An exact chain (a rank-4 weight at rank 4) can only get worse: the held-out first batch says
+    so, and the starting weights are written back byte for byte."""
+    from tests.conftest import make_conv_model
+
+    rng = np.random.default_rng(0)
+    u, v = np.linalg.qr(rng.standard_normal((16, 4)))[0], np.linalg.qr(rng.standard_normal((16, 4)))[0]
+    w = np.einsum("abhw,oa,ib->oihw", rng.standard_normal((4, 4, 3, 3)), u, v).astype(np.float32)
+    original = make_conv_model(16, 16, (3, 3), (8, 8), pads=[1, 1, 1, 1], weight=w)
+    model = compress(original, config=CompressConfig(ranks=RankConfig(policy="ratio", ratio=0.25), min_reduction=None)).model
+    before = _initializers(model)
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 16, 8, 8)).astype(np.float32)} for i in range(4)]
+    report = finetune_model(model, original, data, FinetuneConfig(steps=3, threads=1, lr=1e-2, batch_size=4))
+    assert report["held_out_loss_before"] < 1e-9 < report["held_out_loss_after"] and report["applied"] is False
+    assert report["steps"] == 3 and report["epochs"] == 1.0  # 3 training batches: the first of 4 is held out
+    assert "fixed batch dimension" in report["batch_note"]  # x: [1, 16, 8, 8] runs one sample per step
+    assert _initializers(model) == before
 
 
 def test_an_op_the_converter_lacks_falls_back_to_layer_wise_reconstruction():
@@ -124,6 +160,21 @@ def test_an_op_the_converter_lacks_falls_back_to_layer_wise_reconstruction():
     _, report = compress(base, config=config, calibration=CALIB, finetune=FinetuneConfig(steps=2))
     assert "LpNormalization" in report.finetune["fallback"] and "layer-wise reconstruction" in report.finetune["fallback"]
     assert all(l.reconstruction and l.reconstruction["steps"] == 300 for l in report.decomposed)
+
+
+def test_finetune_command_on_an_op_the_converter_lacks_is_exit_5_naming_it(tmp_path):
+    """``onnxfactor finetune`` has no chains to reconstruct from: one line naming the op and the
+    command that works (ddddocr's LSTM OCR model crashed with exit 1 before), and no file."""
+    base = onnx.load(str(MODELS / "fashion_cnn.onnx"))
+    logits = base.graph.output[0].name
+    base.graph.node.append(helper.make_node("LpNormalization", [logits], ["normed"], axis=1, p=2))
+    base.graph.output.append(helper.make_tensor_value_info("normed", TensorProto.FLOAT, ["batch", 10]))
+    onnx.save(base, tmp_path / "orig.onnx")
+    config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=0.3), exclude=("/0/Conv",))
+    onnx.save(compress(base, config=config).model, tmp_path / "small.onnx")
+    proc = cli("finetune", "small.onnx", "tuned.onnx", "--teacher", "orig.onnx", "--calibration", CALIB, "--steps", "1", cwd=tmp_path)
+    assert_user_error(proc, 5, "LpNormalization", "--reconstruct 300", "small.onnx")
+    assert not (tmp_path / "tuned.onnx").exists()
 
 
 def test_compress_with_finetune_reports_it(tmp_path):
