@@ -80,16 +80,6 @@ def _rows(feeds: dict, per_sample: frozenset) -> int:
     return 1
 
 
-def _split(batch, size: int):
-    """Split a data batch into runs of at most ``size`` samples (feeds, labels)."""
-    rows = batch.size
-    for a in range(0, rows, size):
-        b = min(a + size, rows)
-        feeds = {k: (v[a:b] if k in batch.per_sample else v) for k, v in batch.feeds.items()}
-        labels = None if batch.labels is None else batch.labels[a:b]
-        yield feeds, labels
-
-
 def _rebatched(source, size: int):
     """``(feeds, labels)`` of ``size`` samples from the source's batches, whatever their sizes: small
     batches (a loader yielding one image at a time) are joined, large ones split. Batches whose
@@ -156,10 +146,12 @@ def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, source, trainabl
         torch.use_deterministic_algorithms(True)
     start = time.perf_counter()
     module = convert(student, trainable, device)
-    first = next(iter(source.batches()), None)
-    if first is None:
+    # Held out: the first batch, never trained on when there are others; checked before and after.
+    held = next(_rebatched(source, config.batch_size), None)
+    if held is None:
         raise UsageError("the fine-tuning data holds no samples (--calibration)")
-    reproduction = check_against_ort(module, student, [next(_split(first, config.batch_size))[0]])  # <= 1e-4 or raise
+    held_feeds, held_labels = held
+    reproduction = check_against_ort(module, student, [held_feeds])  # <= 1e-4 or raise
     outputs = [o.name for o in teacher.graph.output]
     features = [f for f in features if f not in outputs]
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
@@ -169,14 +161,13 @@ def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, source, trainabl
     if strangers:
         raise UsageError(f"the teacher computes no tensor {strangers[0]!r} of the compressed model: give the original of this "
                          f"compressed model with --teacher")
-    first_feeds = next(_split(first, config.batch_size))[0]
-    expected = reference.run(first_feeds)
+    held_targets = reference.run(held_feeds)
     with torch.no_grad():
-        got = module(first_feeds, extra=features)
+        got = module(held_feeds, extra=features)
     for name in outputs + features:
-        if tuple(np.shape(expected[name])) != tuple(got[name].shape):
+        if tuple(np.shape(held_targets[name])) != tuple(got[name].shape):
             raise UsageError(f"tensor {name!r} has shape {tuple(got[name].shape)} in the compressed model but "
-                             f"{tuple(np.shape(expected[name]))} in the teacher: give the original of this compressed model with --teacher")
+                             f"{tuple(np.shape(held_targets[name]))} in the teacher: give the original of this compressed model with --teacher")
     params = list(module.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr)
     batches_per_epoch = sum(1 for _ in _rebatched(source, config.batch_size))
@@ -208,10 +199,6 @@ def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, source, trainabl
                 terms.append(((got[name] - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12))
             loss = loss + config.feature_weight * torch.stack(terms).mean()
         return loss
-
-    # Held out: the first batch, never trained on when there are others; checked before and after.
-    held_feeds, held_labels = next(_rebatched(source, config.batch_size))
-    held_targets = reference.run(held_feeds)
 
     def held_out_loss() -> float:
         with torch.no_grad():

@@ -103,7 +103,8 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
             extra = waiting_weights(out, later) if finetune.train == "factors" else set()
             tuned = finetune_model(out, teacher, data, finetune, images=images, samples=config.calibration.samples,
                                    progress=step, extra_trainable=extra)
-            record["finetune"] = {k: tuned.get(k) for k in ("steps", "loss_first", "loss_last", "held_out_loss_before", "held_out_loss_after", "applied", "seconds", "peak_rss_mb",
+            record["finetune"] = {k: tuned.get(k) for k in ("steps", "loss_first", "loss_last", "held_out_loss_before",
+                                                            "held_out_loss_after", "applied", "seconds", "peak_rss_mb",
                                                             "per_epoch", "trained_initializers")}
         totals = Totals.of([rows.get(layer.name, layer) for layer in first.layers], 0, 0)
         record["conv_macs_ratio_so_far"] = totals.conv_macs_ratio

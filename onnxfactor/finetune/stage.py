@@ -87,9 +87,9 @@ def finetune_model(compressed: onnx.ModelProto, teacher: onnx.ModelProto, data, 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The fixed axis 0 of the model's real inputs (NudeNet 320n, ddddocr det: 1), None when it is dynamic."""
-    from onnxfactor.data.signature import declared_dims, real_inputs
+    from onnxfactor.data.signature import signature
 
-    dims = {d[0] for d in (declared_dims(v) for v in real_inputs(model)) if d}
+    dims = {s.batch_dim for s in signature(model) if s.declared}
     return next(iter(dims)) if len(dims) == 1 and None not in dims else None
 
 
