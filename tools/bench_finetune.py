@@ -84,6 +84,8 @@ def run_bundled(args, x, y) -> list[dict]:
             epoch_s = r1.finetune["per_epoch"][0]["seconds"]
             row.update(epochs=epochs, finetune_seconds=r1.finetune["seconds"], seconds_per_epoch=epoch_s,
                        peak_rss_mb=r1.finetune["peak_rss_mb"], accuracy=accuracy(tuned, x, y),
+                       applied=r1.finetune.get("applied"), held_out_loss=[r1.finetune.get("held_out_loss_before"),
+                                                                          r1.finetune.get("held_out_loss_after")],
                        latency=speedups(original, tuned, x, args.runs), wall=round(time.perf_counter() - t, 1))
             if args.iterative:  # the same total fine-tuning, in stages of --stage-size Convs
                 stages = -(-5 // args.stage_size)  # 5 decomposed convs in both models
@@ -96,7 +98,9 @@ def run_bundled(args, x, y) -> list[dict]:
             lat = row["latency"]
             print(f"  {setting:11s} MACs {row['conv_macs_ratio']:6.2f}x  corrected {row['corrected_accuracy']:.2%}  "
                   f"fine-tuned ({epochs} epochs, {row['finetune_seconds']:.0f} s) {row['accuracy']:.2%}  "
-                  f"speedup b1 {lat['batch1']['speedup']:.2f}x b64 {lat['batch64']['speedup']:.2f}x", flush=True)
+                  f"speedup b1 {lat['batch1']['speedup']:.2f}x b64 {lat['batch64']['speedup']:.2f}x"
+                  f"  held-out loss {row['held_out_loss'][0]:.4g} -> {row['held_out_loss'][1]:.4g}"
+                  + ("" if row["applied"] else " (not applied)"), flush=True)
             if "iterative" in row:
                 it = row["iterative"]
                 print(f"  {'':11s} iterative ({it['stages']} stages x {it['epochs_per_stage']:.2f} epochs, {it['finetune_seconds']:.0f} s): "
