@@ -231,6 +231,11 @@ class CompressConfig:
         measured selection as the Convs (see :mod:`onnxfactor.linear`). ``method``, ``hooi_iters``
         and ``in_mode_min_channels`` do not apply to them. Their counts go into the report's
         ``linear_*`` totals, not the ``conv_*`` ones (see :class:`onnxfactor.report.Totals`).
+    fold_batchnorm:
+        Fold every inference-mode ``BatchNormalization`` that follows a Conv into that Conv before
+        anything is fitted (exact; :mod:`onnxfactor.batchnorm`), so the factors approximate the map
+        the layer applies. The report's parameter counts are then those of the folded model. If no
+        layer is decomposed, the written model is the input file, batch norms included.
     """
 
     ranks: RankConfig = field(default_factory=RankConfig)
@@ -243,3 +248,4 @@ class CompressConfig:
     latency: LatencyConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     include_linear: bool = False
+    fold_batchnorm: bool = True

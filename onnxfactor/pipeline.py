@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxfactor import io as model_io
 from onnxfactor.analysis import ConvSite, SkippedNode, count_params, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
+from onnxfactor.batchnorm import batchnorm_note, fold_batch_norms
 from onnxfactor.checks import check_written_model, require_loadable
 from onnxfactor.config import FIT_CHOICES, CompressConfig
 from onnxfactor.data.shapes import shape_sources, with_data_shapes
@@ -60,13 +61,15 @@ class _Prepared:
     linear: list[Candidate] = dataclasses.field(default_factory=list)  # their chains, applied by every _build
 
 
-def _prepare(source, input_shapes: dict | None, include_linear: bool = False, data=()) -> _Prepared:
+def _prepare(source, input_shapes: dict | None, include_linear: bool = False, data=(), fold_batchnorm: bool = True) -> _Prepared:
     """Load and analyse ``source``; ``data`` (``(data, images, role)`` triples) may fix its dynamic dims
-    (:func:`onnxfactor.data.shapes.with_data_shapes`)."""
+    (:func:`onnxfactor.data.shapes.with_data_shapes`); ``fold_batchnorm``: :mod:`onnxfactor.batchnorm`."""
     from onnxfactor.validation.dims import fit_dynamic_dims
     from onnxfactor.validation.inputs import resolve_input_shapes
 
     loaded = model_io.load_model(source)
+    if fold_batchnorm:
+        loaded.normalised.extend(batchnorm_note(fold_batch_norms(loaded.model)))
     input_shapes, note = with_data_shapes(loaded.model, input_shapes, data)
     loaded.normalised.extend([note] if note else [])
     resolved = resolve_input_shapes(loaded.model, input_shapes or {})
@@ -153,7 +156,8 @@ def compress(
     config = config or CompressConfig()
     timings = {}
     t0 = time.perf_counter()
-    prep = _prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images, held_out))
+    prep = _prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images, held_out),
+                    fold_batchnorm=config.fold_batchnorm)
     explicit = _load_explicit(config, prep.sites, prep.linear_sites)
     timings["load_and_analyse"] = time.perf_counter() - t0
     fallback = teacher = None
@@ -254,7 +258,7 @@ def calibrate(
     (``nodes`` / ``exclude``) and the calibration options.
     """
     config = config or CompressConfig()
-    prep = _prepare(model, input_shapes, data=shape_sources(calibration, images))
+    prep = _prepare(model, input_shapes, data=shape_sources(calibration, images), fold_batchnorm=config.fold_batchnorm)
     return _calibrate(prep, config, _load_explicit(config, prep.sites), calibration, images, progress)
 
 
@@ -262,7 +266,13 @@ def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, i
     """Statistics of the selected main-graph Convs on the calibration data (None without data)."""
     from onnxfactor.calibration import CalibrationData
 
-    if calibration is None or isinstance(calibration, CalibrationData):
+    if calibration is None:
+        return None
+    if isinstance(calibration, CalibrationData):
+        if calibration.fold_batchnorm != config.fold_batchnorm:
+            raise UsageError("these calibration statistics were collected with the batch norms "
+                             f"{'folded' if calibration.fold_batchnorm else 'kept'}: calibrate and compress with the same "
+                             "fold_batchnorm (--keep-batchnorm)")
         return calibration
     from onnxfactor.calibration import collect_statistics
     from onnxfactor.data import open_source
@@ -271,15 +281,15 @@ def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, i
 
     cal = config.calibration
     if cal.fit not in FIT_CHOICES:
-        from onnxfactor.errors import UsageError
-
         raise UsageError(f"unknown fit {cal.fit!r}; choose one of {', '.join(FIT_CHOICES)} (--fit)")
     source = open_source(calibration, prep.loaded.model, images=images, max_samples=cal.samples,
                          batch_size=cal.batch_size, role="calibration")
     runnable = _runnable(prep.loaded)
     sites = [s for s in prep.sites if selection_reason(s, config, explicit) is None]
     report = (lambda done, total, label: progress(done, total or 0, label)) if progress is not None else None
-    return collect_statistics(runnable, sites, source, cal, providers=resolve_providers(cal.provider), progress=report)
+    stats = collect_statistics(runnable, sites, source, cal, providers=resolve_providers(cal.provider), progress=report)
+    stats.fold_batchnorm = config.fold_batchnorm
+    return stats
 
 
 def _runnable(loaded: model_io.LoadedModel) -> onnx.ModelProto:
@@ -433,7 +443,8 @@ def analyze(
     timed against its chain (``LayerReport.latency``), as the measured selection of ``compress``.
     """
     config = config or CompressConfig()
-    prep = _prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images))
+    prep = _prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images),
+                    fold_batchnorm=config.fold_batchnorm)
     explicit = _load_explicit(config, prep.sites, prep.linear_sites)
     calib = _calibrate(prep, config, explicit, calibration, images, None)
     decomposer = LayerDecomposer(config, explicit, prep.sites, calib)

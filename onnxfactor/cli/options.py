@@ -113,6 +113,14 @@ IncludeLinear = Annotated[
         "layers, with the same rank policies, --min-reduction, --node / --exclude, data-aware fit and measured selection.",
     ),
 ]
+KeepBatchnorm = Annotated[
+    bool,
+    typer.Option(
+        "--keep-batchnorm",
+        help="Do not fold the BatchNormalization after a Conv into it before fitting (folding is exact and the default: "
+        "the factors then fit the map the layer applies).",
+    ),
+]
 Data = Annotated[
     Optional[str],
     typer.Option(

@@ -74,12 +74,6 @@ class FinetuneResult:
         return dict(self.__dict__)
 
 
-def _rows(feeds: dict, per_sample: frozenset) -> int:
-    for k in per_sample:
-        return int(np.shape(feeds[k])[0])
-    return 1
-
-
 def _rebatched(source, size: int):
     """``(feeds, labels)`` of ``size`` samples from the source's batches, whatever their sizes: small
     batches (a loader yielding one image at a time) are joined, large ones split. Batches whose

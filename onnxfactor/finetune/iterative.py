@@ -74,7 +74,7 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
     from onnxfactor.report import Totals
 
     start = time.perf_counter()
-    prep = _prepare(model, input_shapes, include_linear=config.include_linear)
+    prep = _prepare(model, input_shapes, include_linear=config.include_linear, fold_batchnorm=config.fold_batchnorm)
     teacher = _runnable(prep.loaded)
     explicit = _load_explicit(config, prep.sites, prep.linear_sites)
     selected = staged_layers(prep, config, explicit)
