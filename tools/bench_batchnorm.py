@@ -1,8 +1,8 @@
 """Does folding the batch norms before fitting help? The real files with unfused BatchNormalization.
 
 Paddle exports keep a ``BatchNormalization`` after their Convs (``onnxfactor.batchnorm``). Each
-model below is compressed by the CLI twice per setting, once with the default (batch norms folded
-before anything is fitted) and once with ``--keep-batchnorm``, everything else equal:
+model below is compressed by the CLI twice per setting, once with ``--fold-batchnorm`` (batch norms
+folded before anything is fitted) and once without (the default), everything else equal:
 ``--no-measure`` (every selected layer decomposed, so that the speed measurement's noise does not
 choose different layers), calibration on 64 crops of some scikit-image photos, validation on crops
 of *other* photos (``tools/sweep_real_files.py``'s disjoint sets). Settings:
@@ -88,7 +88,7 @@ def main() -> None:
         images = ["--image-size", size] if size else []
         for setting in args.settings.split(","):
             row = {"model": label, "file": tail, "setting": setting}
-            for key, extra in (("folded", []), ("kept", ["--keep-batchnorm"])):
+            for key, extra in (("folded", ["--fold-batchnorm"]), ("kept", [])):
                 name = f"{stem}_{setting.replace(':', '_')}_{key}"
                 report = work / f"{name}.json"
                 r = run(model, work / f"{name}.onnx", report,
@@ -98,7 +98,7 @@ def main() -> None:
                 row[key] = r
             rows.append(row)
             print(f"{label} {setting}: folded {cell(row['folded'])}; kept {cell(row['kept'])}", flush=True)
-    print("\n| model | setting | batch norms folded (default) | `--keep-batchnorm` |\n|---|---|---|---|")
+    print("\n| model | setting | `--fold-batchnorm` | batch norms kept (default) |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['setting']} | {cell(r['folded'])} | {cell(r['kept'])} |")
     changed = [r["model"] for r in rows for k in ("folded", "kept") if not r[k]["input_unchanged"]]

@@ -257,7 +257,7 @@ class CalibrationData:
     tile_notes: dict[str, str] = field(default_factory=dict)  # sites with fewer tiles, and why
     #: collected on the model with its batch norms folded (CompressConfig.fold_batchnorm): a Conv's
     #: response is then the one after its batch norm, so reuse needs the same setting
-    fold_batchnorm: bool = True
+    fold_batchnorm: bool = False
 
     def locate(self, sample_ids: np.ndarray) -> list[tuple[int, int]]:
         """``(chunk, row)`` in :attr:`cache` of each global sample id."""

@@ -11,7 +11,7 @@ from onnxfactor.cli.render import Renderer
 
 
 def _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method="tucker2",
-             include_linear=False, keep_batchnorm=False):
+             include_linear=False, fold_batchnorm=False):
     from onnxfactor.config import CompressConfig, RankConfig
 
     policy = "file" if rank_file is not None else ranks.value
@@ -22,7 +22,7 @@ def _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_r
     return CompressConfig(
         ranks=rank_config, method=getattr(method, "value", method), min_reduction=min_reduction, in_mode_min_channels=in_min_channels,
         hooi_iters=hooi, nodes=tuple(node or ()), exclude=tuple(exclude or ()), include_linear=include_linear,
-        fold_batchnorm=not keep_batchnorm,
+        fold_batchnorm=fold_batchnorm,
     )
 
 
@@ -51,7 +51,7 @@ def compress(
     node: opt.Nodes = None,
     exclude: opt.Exclude = None,
     include_linear: opt.IncludeLinear = False,
-    keep_batchnorm: opt.KeepBatchnorm = False,
+    fold_batchnorm: opt.FoldBatchnorm = False,
     input_shape: opt.InputShapes = None,
     calibration: opt.Calibration = None,
     calibration_samples: opt.CalibrationSamples = None,
@@ -108,7 +108,7 @@ def compress(
     from onnxfactor.pipeline import ValidationOptions, compress_file
 
     config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method,
-                      include_linear=include_linear, keep_batchnorm=keep_batchnorm)
+                      include_linear=include_linear, fold_batchnorm=fold_batchnorm)
     if target_speedup is not None and max_latency_ms is not None:
         raise UsageError("give one latency budget: --target-speedup or --max-latency-ms, not both")
     if iterative and not finetune:
@@ -228,7 +228,7 @@ def analyze(
     min_reduction: opt.MinReduction = 0.1,
     in_min_channels: opt.InMinChannels = 4,
     include_linear: opt.IncludeLinear = False,
-    keep_batchnorm: opt.KeepBatchnorm = False,
+    fold_batchnorm: opt.FoldBatchnorm = False,
     input_shape: opt.InputShapes = None,
     calibration: opt.Calibration = None,
     calibration_samples: opt.CalibrationSamples = None,
@@ -254,7 +254,7 @@ def analyze(
     import dataclasses
 
     config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, 0, None, None, method,
-                      include_linear=include_linear, keep_batchnorm=keep_batchnorm)
+                      include_linear=include_linear, fold_batchnorm=fold_batchnorm)
     config = dataclasses.replace(config, calibration=_calibration_config(calibration_samples, fit, False, 0, calibration_memory, provider))
     images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
     result = run_analyze(input_model, config=config, input_shapes=_shapes(input_shape), calibration=calibration, images=images)

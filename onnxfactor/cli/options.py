@@ -113,12 +113,12 @@ IncludeLinear = Annotated[
         "layers, with the same rank policies, --min-reduction, --node / --exclude, data-aware fit and measured selection.",
     ),
 ]
-KeepBatchnorm = Annotated[
+FoldBatchnorm = Annotated[
     bool,
     typer.Option(
-        "--keep-batchnorm",
-        help="Do not fold the BatchNormalization after a Conv into it before fitting (folding is exact and the default: "
-        "the factors then fit the map the layer applies).",
+        "--fold-batchnorm",
+        help="Fold each inference-mode BatchNormalization that follows a Conv into it before fitting (exact), so the factors "
+        "fit the map the layer applies; off by default (measured: it helps some Paddle exports and hurts others).",
     ),
 ]
 Data = Annotated[

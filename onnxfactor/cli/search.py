@@ -70,7 +70,7 @@ def search(
     lr: opt.Lr = 1e-3,
     batch_size: opt.BatchSize = 64,
     include_linear: Annotated[bool, typer.Option("--include-linear", help="Fully connected layers (Gemm / MatMul with a constant weight) are searched too.")] = False,
-    keep_batchnorm: opt.KeepBatchnorm = False,
+    fold_batchnorm: opt.FoldBatchnorm = False,
     node: opt.Nodes = None,
     exclude: opt.Exclude = None,
     input_shape: opt.InputShapes = None,
@@ -125,7 +125,7 @@ def search(
                           max_evaluations=max_evaluations, latency_runs=latency_runs, threads=threads,
                           layer_timing=layer_timing, timing_cache=timing_cache)
     base = dataclasses.replace(CompressConfig(nodes=tuple(node or ()), exclude=tuple(exclude or ()), include_linear=include_linear,
-                                                fold_batchnorm=not keep_batchnorm),
+                                                fold_batchnorm=fold_batchnorm),
                                calibration=_calibration_config(calibration_samples, "data", True, 0, 1024.0, provider))
     held_out = ValidationOptions(data=data, images=images, max_samples=max_samples, provider=provider, metric=_metric(metric))
     full = _finetune_config(epochs, None, lr, batch_size, None, "factors", False, 0, False) if finetune else None

@@ -143,7 +143,7 @@ def test_nothing_decomposed_writes_the_input_with_its_batch_norm(tmp_path):
     onnx.save(_model(), str(src))
     before = src.read_bytes()
     out = tmp_path / "out.onnx"
-    compress_file(src, out, config=CompressConfig(min_reduction=0.99))
+    compress_file(src, out, config=CompressConfig(min_reduction=0.99, fold_batchnorm=True))
     assert out.read_bytes() == before
     assert src.read_bytes() == before
 
@@ -154,8 +154,34 @@ def test_statistics_are_reused_only_with_the_same_folding():
 
     model = _model()
     feeds = [_feeds(model, seed=s) for s in range(4)]
-    stats = calibrate(model, feeds, config=CompressConfig())
+    stats = calibrate(model, feeds, config=CompressConfig(fold_batchnorm=True))
     assert stats.fold_batchnorm
-    compress(model, config=CompressConfig(), calibration=stats)  # same setting: accepted
+    compress(model, config=CompressConfig(fold_batchnorm=True), calibration=stats)  # same setting: accepted
     with pytest.raises(UsageError, match="batch norms folded"):
-        compress(model, config=CompressConfig(fold_batchnorm=False), calibration=stats)
+        compress(model, config=CompressConfig(), calibration=stats)
+    kept = calibrate(model, feeds, config=CompressConfig())
+    with pytest.raises(UsageError, match="batch norms kept"):
+        compress(model, config=CompressConfig(fold_batchnorm=True), calibration=kept)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_cli_folds_only_when_asked(tmp_path, fold):
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.onnx"
+    model = _model(scales=[10.0] * 4 + [0.01] * 12, conv_bias=False)
+    onnx.save(model, str(src))
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(json.dumps({"/conv/Conv": {"out": 4, "in": 16}}))
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    args = ["compress", src, out, "--rank-file", ranks, "--min-reduction", "-1", "--in-min-channels", "0", "--no-measure",
+            "--report", report, "-q", *(["--fold-batchnorm"] if fold else [])]
+    proc = subprocess.run([sys.executable, "-m", "onnxfactor", *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    written = onnx.load(str(out))
+    assert [n.op_type for n in written.graph.node].count("BatchNormalization") == (0 if fold else 1)
+    warnings = json.loads(report.read_text())["warnings"]
+    assert any("--fold-batchnorm" in w for w in warnings) == fold
+    worst = json.loads(report.read_text())["validation"]["worst_rel_l2"]
+    assert (worst < 0.01) if fold else (worst > 0.3)  # the folded map is nearly rank 4 on the output mode
