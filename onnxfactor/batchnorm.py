@@ -60,6 +60,7 @@ def fold_batch_norms(model: ModelProto) -> list[str]:
 
     folded: list[str] = []
     drop: set[int] = set()
+    released: set[str] = set()  # initializers a fold stopped reading (dropped below if nothing else does)
     for bn in graph.node:
         conv = _foldable(bn, producer, readers, outputs, constants)
         if conv is None:
@@ -73,11 +74,10 @@ def fold_batch_norms(model: ModelProto) -> list[str]:
             graph.initializer.append(tensor)
             constants[name] = tensor
             readers[name] = 1
-        for name in conv.input[1:3]:
+        for name in [*conv.input[1:3], *bn.input[1:]]:
             if name:
                 readers[name] -= 1
-        for name in bn.input:
-            readers[name] -= 1
+                released.add(name)
         old_output = conv.output[0]
         x = conv.input[0]
         del conv.input[:]
@@ -91,7 +91,7 @@ def fold_batch_norms(model: ModelProto) -> list[str]:
     kept = [node for node in graph.node if id(node) not in drop]
     del graph.node[:]
     graph.node.extend(kept)
-    unused = [t for t in graph.initializer if readers.get(t.name, 0) <= 0 and t.name not in outputs and t.name not in input_names]
+    unused = [t for t in graph.initializer if t.name in released and readers[t.name] <= 0 and t.name not in outputs]
     for tensor in unused:
         graph.initializer.remove(tensor)
     return folded

@@ -185,3 +185,10 @@ def test_cli_folds_only_when_asked(tmp_path, fold):
     assert any("--fold-batchnorm" in w for w in warnings) == fold
     worst = json.loads(report.read_text())["validation"]["worst_rel_l2"]
     assert (worst < 0.01) if fold else (worst > 0.3)  # the folded map is nearly rank 4 on the output mode
+
+
+def test_only_what_a_fold_released_is_dropped():
+    model = _model()
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "unrelated_unused"))
+    assert fold_batch_norms(model) == ["/conv/Conv"]
+    assert "unrelated_unused" in {t.name for t in model.graph.initializer}
