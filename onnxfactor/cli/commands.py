@@ -58,6 +58,7 @@ def compress(
     fit: opt.Fit = opt.FitName.data,
     correct: opt.Correct = True,
     reconstruct: opt.Reconstruct = 0,
+    correction_passes: opt.CorrectionPasses = 8,
     calibration_memory: opt.CalibrationMemory = 1024.0,
     finetune: opt.Finetune = False,
     iterative: opt.Iterative = False,
@@ -121,7 +122,8 @@ def compress(
             target_speedup=target_speedup, max_latency_ms=max_latency_ms, provider=provider, threads=threads,
             timing_cache=timing_cache,
         ))
-    config = dataclasses.replace(config, calibration=_calibration_config(calibration_samples, fit, correct, reconstruct, calibration_memory, provider))
+    config = dataclasses.replace(config, calibration=_calibration_config(calibration_samples, fit, correct, reconstruct, calibration_memory, provider,
+                                                                         correction_passes))
     images = image_spec(image_size, resize, scale, mean, std, channel_order, layout)
     validation = None if no_validate else ValidationOptions(
         data=data, images=images, seed=seed, max_samples=max_samples, provider=provider, threads=threads,
@@ -206,11 +208,11 @@ def finetune(
     render.console.print(f"wrote {result['output_path']}")
 
 
-def _calibration_config(samples, fit, correct, reconstruct, memory, provider):
+def _calibration_config(samples, fit, correct, reconstruct, memory, provider, passes=8):
     from onnxfactor.config import CalibrationConfig
 
     return CalibrationConfig(fit=getattr(fit, "value", fit), correct=correct, reconstruct_steps=reconstruct, samples=samples,
-                             memory_mb=memory, provider=provider)
+                             memory_mb=memory, provider=provider, stages=passes)
 
 
 def analyze(

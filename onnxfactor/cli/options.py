@@ -209,6 +209,12 @@ Reconstruct = Annotated[
         "original output after the layer's activation (PyTorch, [finetune] extra); 0 = off.", min=0,
     ),
 ]
+CorrectionPasses = Annotated[
+    int,
+    typer.Option("--correction-passes", metavar="N", min=0,
+                 help="With --calibration: at most N passes of the sequential correction, each correcting a group of consecutive "
+                 "layers (0 = one pass per layer: slower, better on deep models; see README)."),
+]
 CalibrationMemory = Annotated[
     float,
     typer.Option("--calibration-memory", metavar="MB", help="Memory budget of the calibration statistics (see README).", min=16.0),

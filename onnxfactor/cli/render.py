@@ -163,6 +163,10 @@ class Renderer:
                 f"({calibration['memory'].get('moments_mb', 0) + calibration['memory'].get('tiles_mb', 0) + calibration['memory'].get('cache_mb', 0):.0f} MB)")
         if corr.get("layers"):
             line += f"; correction of {corr['layers']} layers in {corr['stages']} passes on {corr['samples']} samples, {corr.get('seconds', 0):.1f} s"
+            e2e = corr.get("end_to_end")
+            if e2e:
+                line += (f", held-out output error {e2e['held_out_error_before']:.3g} -> {e2e['held_out_error_after']:.3g}"
+                         + ("" if e2e["applied"] else " (worse: not applied)"))
         self.console.print(line)
 
     def finetune(self, finetune: dict | None) -> None:

@@ -71,6 +71,7 @@ def search(
     batch_size: opt.BatchSize = 64,
     include_linear: Annotated[bool, typer.Option("--include-linear", help="Fully connected layers (Gemm / MatMul with a constant weight) are searched too.")] = False,
     fold_batchnorm: opt.FoldBatchnorm = False,
+    correction_passes: opt.CorrectionPasses = 8,
     node: opt.Nodes = None,
     exclude: opt.Exclude = None,
     input_shape: opt.InputShapes = None,
@@ -126,7 +127,8 @@ def search(
                           layer_timing=layer_timing, timing_cache=timing_cache)
     base = dataclasses.replace(CompressConfig(nodes=tuple(node or ()), exclude=tuple(exclude or ()), include_linear=include_linear,
                                                 fold_batchnorm=fold_batchnorm),
-                               calibration=_calibration_config(calibration_samples, "data", True, 0, 1024.0, provider))
+                               calibration=_calibration_config(calibration_samples, "data", True, 0, 1024.0, provider,
+                                                                               correction_passes))
     held_out = ValidationOptions(data=data, images=images, max_samples=max_samples, provider=provider, metric=_metric(metric))
     full = _finetune_config(epochs, None, lr, batch_size, None, "factors", False, 0, False) if finetune else None
     brief = dataclasses.replace(full, steps=search_steps) if finetune and search_steps else None

@@ -27,6 +27,15 @@ def work(tmp_path):
     return tmp_path
 
 
+def test_correction_passes_group_the_layers(work):
+    proc = cli("compress", "fashion_cnn.onnx", "out.onnx", "--ranks", "ratio", "--ratio", "0.3", "--exclude", "/0/Conv",
+               "--calibration", "calib.npz", "--calibration-samples", "64", "--correction-passes", "2", "--no-measure",
+               "--no-validate", "--report", "r.json", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    correction = json.loads((work / "r.json").read_text())["calibration"]["correction"]
+    assert correction["stages"] == 2 and correction["layers"] == 5
+
+
 def test_compress_with_calibration_reports_fit_errors_and_correction(work):
     before = sha256(work / "fashion_cnn.onnx")
     proc = cli("compress", "fashion_cnn.onnx", "out.onnx", "--ranks", "ratio", "--ratio", "0.3", "--exclude", "/0/Conv",

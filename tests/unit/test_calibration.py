@@ -250,3 +250,5 @@ def test_plan_stages_covers_every_layer_in_order():
     assert [list(r) for r in plan_stages(5, 8)] == [[0], [1], [2], [3], [4]]
     stages = plan_stages(63, 8)
     assert len(stages) == 8 and [i for r in stages for i in r] == list(range(63))
+    assert [list(r) for r in plan_stages(3, 0)] == [[0], [1], [2]]  # --correction-passes 0: one pass per layer
+    assert len(plan_stages(63, 0)) == 63 and len(plan_stages(63, 1)) == 1
