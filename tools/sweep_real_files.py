@@ -85,6 +85,14 @@ def find(unpacked: Path, tail: str) -> Path:
     return sorted(hits)[0]
 
 
+def selected(unpacked: Path, models: list[tuple], texts: list[str] | None = None):
+    """``(entry, path, stem)`` of each model entry whose label contains one of ``texts`` (all without them)."""
+    for entry in models:
+        if texts and not any(text in entry[0] for text in texts):
+            continue
+        yield entry, find(unpacked, entry[1]), entry[1].replace("/", "_").removesuffix(".onnx")
+
+
 def photos(folder: Path, crops: int = 16, seed: int = 0) -> tuple[Path, Path]:
     """Random crops of scikit-image's photos: ``calib/`` from two of every three photos, ``eval/`` from the rest."""
     import numpy as np
@@ -158,11 +166,7 @@ def main() -> None:
     unpacked = fetch(args.out / "wheels")
     calib, held = photos(args.out / "photos")
     rows = []
-    for label, tail, size in MODELS:
-        if args.only and args.only not in label:
-            continue
-        model = find(unpacked, tail)
-        stem = tail.replace("/", "_").removesuffix(".onnx")
+    for (label, tail, size), model, stem in selected(unpacked, MODELS, [args.only] if args.only else None):
         default = run(model, args.out / f"{stem}_default.onnx", args.out / f"{stem}_default.json", [])
         images = ["--image-size", size] if size else []
         calibrated = run(model, args.out / f"{stem}_calibrated.onnx", args.out / f"{stem}_calibrated.json",

@@ -295,7 +295,7 @@ class _EndToEnd:
     def __init__(self, original: onnx.ModelProto, calibration: CalibrationData, held_out: set[int], providers: list[str]):
         self.names = [o.name for o in original.graph.output]
         self.providers = providers
-        self.chunks = []  # (feeds, rows or None = all, reference outputs at those rows)
+        self.chunks = []  # (feeds, held-out rows, the original's outputs at those rows)
         self.samples = 0
         if not held_out:
             return
@@ -316,23 +316,15 @@ class _EndToEnd:
     def error(self, model: onnx.ModelProto) -> float | None:
         if not self.chunks:
             return None
+        from onnxfactor.validation.compare import compare_outputs
+
         probe = Probe(model, self.names, self.providers, spinning=False)
-        num = dict.fromkeys(self.names, 0.0)
-        den = dict.fromkeys(self.names, 0.0)
-        for feeds, rows, reference in self.chunks:
+        compressed = []
+        for feeds, rows, _ in self.chunks:
             outputs = probe.run(feeds)
-            for n in self.names:
-                x, y = self._rows(outputs[n], rows), reference[n]
-                if x.shape != y.shape or not np.issubdtype(y.dtype, np.floating):
-                    continue
-                x, y = x.astype(np.float64), y.astype(np.float64)
-                if not np.all(np.isfinite(x)):
-                    return float("inf")
-                finite = np.isfinite(y)
-                num[n] += float(np.sum((x[finite] - y[finite]) ** 2))
-                den[n] += float(np.sum(y[finite] ** 2))
-        errors = [np.sqrt(num[n] / den[n]) for n in self.names if den[n] > 0]
-        return float(max(errors)) if errors else None
+            compressed.append({n: self._rows(outputs[n], rows) for n in self.names})
+        results = compare_outputs([reference for _, _, reference in self.chunks], compressed)  # NaN or a stray inf: inf
+        return float(max(r.rel_l2 for r in results)) if results else None
 
 
 def _accumulate(model, original, group, nodes, calibration: CalibrationData, providers, held_out: set[int],
