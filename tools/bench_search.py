@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--parallel", action="store_true")
-    p.add_argument("--round-to", type=int, default=1, help="rank rounding of the allocation's curves")
+    p.add_argument("--round-to", default="1", help="rank rounding of the allocation's curves; several (1,8): one allocate search each")
     p.add_argument("--strategies", default="grid,allocate")
     p.add_argument("--layer-timing", action="store_true", help="allocate by measured layer time (search --layer-timing)")
     p.add_argument("--weight-cap", type=float, default=None, metavar="MB", help="also light VGG-19 under --max-weight-mb MB")
@@ -142,9 +142,11 @@ def main(argv=None) -> int:
         path = MODELS / f"{name}.onnx"
         original = onnx.load(str(path))
         row = {"model": name, "original_accuracy_unseen": accuracy(original, x, y)}
-        for strategy in args.strategies.split(","):
+        roundings = [int(r) for r in str(args.round_to).split(",")]
+        runs = [(s, r) for s in args.strategies.split(",") for r in (roundings if s == "allocate" else roundings[:1])]
+        for strategy, round_to in runs:
             result, wall, describe = run(path, select, strategy, args.max_accuracy_drop, args.jobs,
-                                         cache=ROOT / "out" / "search_cache" / name, round_to=args.round_to,
+                                         cache=ROOT / "out" / "search_cache" / name, round_to=round_to,
                                          layer_timing=args.layer_timing, methods=methods)
             w = result.winner
             entry = {"wall_seconds": round(wall, 1), "candidates": len(result.candidates),
@@ -154,9 +156,10 @@ def main(argv=None) -> int:
                 entry["winner"] = {"spec": describe(w["spec"]), "conv_macs_ratio": report.totals.conv_macs_ratio,
                                    "accuracy_selection_half": w["accuracy"], "accuracy_unseen": accuracy(model, x, y),
                                    "latency": speedups(original, model, x, args.runs)}
-            row[strategy] = entry
+            label = strategy if len(roundings) == 1 or strategy != "allocate" else f"allocate round-to {round_to}"
+            row[label] = entry
             won = entry["winner"]
-            print(f"{name} {strategy:8s}: {entry['candidates']} candidates ({entry['feasible']} feasible) in {wall:.0f} s; "
+            print(f"{name} {label:8s}: {entry['candidates']} candidates ({entry['feasible']} feasible) in {wall:.0f} s; "
                   + ("none feasible" if won is None else
                      f"{won['spec']}: MACs {won['conv_macs_ratio']:.2f}x, accuracy unseen {won['accuracy_unseen']:.2%} "
                      f"(original {row['original_accuracy_unseen']:.2%}), speedup b1 {won['latency']['batch1']['speedup']:.2f}x "
