@@ -165,9 +165,10 @@ class Renderer:
             line += f"; correction of {corr['layers']} layers in {corr['stages']} passes on {corr['samples']} samples, {corr.get('seconds', 0):.1f} s"
             e2e = corr.get("end_to_end")
             if e2e:
-                undone = len(e2e.get("reverted_stages", []))
+                undone = len(e2e.get("reverted_layers", []))
                 line += (f", held-out output error {e2e['held_out_error_before']:.3g} -> {e2e['held_out_error_after']:.3g}"
-                         + ("" if not undone else " (worse: not applied)" if not e2e["applied"] else f" ({undone} of {corr['stages']} passes undone)"))
+                         + ("" if not undone else " (worse: not applied)" if not e2e["applied"]
+                            else f" ({undone} of {corr['layers']} layers undone)"))
         self.console.print(line)
 
     def finetune(self, finetune: dict | None) -> None:

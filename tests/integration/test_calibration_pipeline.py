@@ -177,8 +177,9 @@ def test_correction_that_worsens_the_network_output_is_reverted(monkeypatch):
     reverted, report = compress(model, config=config, calibration=calib)
     e2e = report.calibration["correction"]["end_to_end"]
     assert not e2e["applied"] and e2e["held_out_error_after"] == e2e["held_out_error_before"]
-    assert e2e["reverted_stages"] == list(range(report.calibration["correction"]["stages"]))
+    assert e2e["reverted_layers"] == [l.name for l in report.decomposed]
     assert all(err > e2e["held_out_error_before"] for err in e2e["stage_errors"])
+    assert e2e["checks"] == len(report.decomposed)  # one pass per layer here: nothing to bisect
     assert all(l.correction["reverted"] for l in report.decomposed)
     monkeypatch.setattr(correct_module, "refit", real_refit)
     uncorrected, _ = compress(model, config=dataclasses.replace(config, calibration=CalibrationConfig(samples=64, correct=False)),
@@ -187,9 +188,12 @@ def test_correction_that_worsens_the_network_output_is_reverted(monkeypatch):
     np.testing.assert_allclose(run_ort(reverted, feeds)[0], run_ort(uncorrected, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_only_the_pass_that_worsens_the_network_output_is_undone(monkeypatch):
-    """One layer's correction shifts its outputs (harmful), the others are ordinary: that layer's
-    pass alone is undone, the rest stay, and the held-out error ends below where it started."""
+@pytest.mark.parametrize("passes", [0, 1])
+def test_only_the_layer_that_worsens_the_network_output_is_undone(monkeypatch, passes):
+    """One layer's correction shifts its outputs (harmful), the others are ordinary: that layer
+    alone is undone, the rest stay, and the held-out error ends below where it started -- with
+    one pass per layer, and with all five in one pass, which the judge bisects (5 checks: all,
+    the first three, the first two, the third, the last two)."""
     from onnxfactor.calibration import correct as correct_module
 
     real_refit = correct_module.refit
@@ -202,14 +206,53 @@ def test_only_the_pass_that_worsens_the_network_output_is_undone(monkeypatch):
 
     monkeypatch.setattr(correct_module, "refit", third_harmful)
     config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=0.3), exclude=("/0/Conv",),
-                            calibration=CalibrationConfig(samples=64, stages=0))
+                            calibration=CalibrationConfig(samples=64, stages=passes))
     x = np.load(CALIB)["input"]
     _, report = compress(MODELS / "fashion_cnn.onnx", config=config, calibration=[{"input": x[i : i + 16]} for i in range(0, 64, 16)])
     e2e = report.calibration["correction"]["end_to_end"]
-    assert e2e["reverted_stages"] == [2] and e2e["applied"]
-    assert e2e["stage_errors"][2] > e2e["stage_errors"][1] and e2e["stage_errors"][3] <= e2e["stage_errors"][1]
-    assert e2e["held_out_error_after"] == min(e2e["stage_errors"]) < e2e["held_out_error_before"]
+    names = [l.name for l in report.decomposed]
+    assert len(names) == 5 and e2e["reverted_layers"] == [names[2]] and e2e["applied"] and e2e["checks"] == 5
+    if passes == 0:
+        assert e2e["stage_errors"][2] > e2e["stage_errors"][1] and e2e["stage_errors"][3] <= e2e["stage_errors"][1]
+    assert e2e["held_out_error_after"] < e2e["held_out_error_before"]
     assert [bool(l.correction.get("reverted")) for l in report.decomposed] == [False, False, True, False, False]
+
+
+def test_a_grouped_pass_sees_its_own_layers_as_the_original_convs(monkeypatch):
+    """In a pass of several layers, the chains run beside the original Convs, which compute the
+    layers' outputs: the pass model's graph outputs are the original's (to float rounding) while
+    the compressed model's are not, and each chain's side output is the chain on the original input."""
+    from onnxfactor.calibration import correct as correct_module
+
+    seen = []
+    real_pass_model = correct_module.pass_model
+
+    def spy(model, original, group, nodes, calibration):
+        out = real_pass_model(model, original, group, nodes, calibration)
+        seen.append((onnx.ModelProto.FromString(model.SerializeToString()), out, onnx.ModelProto.FromString(original.SerializeToString()),
+                     [calibration.layers[c.site.name].output_name for c in group]))
+        return out
+
+    monkeypatch.setattr(correct_module, "pass_model", spy)
+    config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=0.3), exclude=("/0/Conv",), calibration=CalibrationConfig(samples=64, stages=1))
+    x = np.load(CALIB)["input"]
+    compress(MODELS / "fashion_cnn.onnx", config=config, calibration=[{"input": x[i : i + 16]} for i in range(0, 64, 16)])
+    assert len(seen) == 1
+    compressed, passing, original, outputs = seen[0]
+    assert len(outputs) == 5 and sum(n.name.endswith(correct_module.SIDE) for n in passing.graph.node) == 5
+    onnx.checker.check_model(passing)
+    feeds = {"input": x[64:96]}
+    reference, ours, theirs = run_ort(original, feeds)[0], run_ort(passing, feeds)[0], run_ort(compressed, feeds)[0]
+    assert rel_l2(ours, reference) < 1e-5 and rel_l2(theirs, reference) > 0.05
+    # the last layer's chain, beside its Conv, sees the original input: its side output is the
+    # compressed layer's output on exact inputs, closer to the original's than the compressed model's
+    exposed = onnx.ModelProto.FromString(passing.SerializeToString())
+    exposed.graph.output.extend([onnx.ValueInfoProto(name=outputs[-1] + correct_module.SIDE), onnx.ValueInfoProto(name=outputs[-1])])
+    side, exact = run_ort(exposed, feeds)[1:]
+    probe = onnx.ModelProto.FromString(compressed.SerializeToString())
+    probe.graph.output.extend([onnx.ValueInfoProto(name=outputs[-1])])
+    drifted = run_ort(probe, feeds)[1]
+    assert rel_l2(side, exact) < rel_l2(drifted, exact)
 
 
 def test_error_policy_with_calibration_meets_the_measured_output_error():
