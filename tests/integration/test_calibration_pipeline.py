@@ -362,3 +362,33 @@ def test_measured_selection_then_correction_of_the_layers_it_kept():
     assert [n.name for n in compressed.graph.node if n.op_type == "Conv"][-1] == "convB"
     feeds = _feeds(model, 1, 5)[0]
     assert rel_l2(run_ort(model, feeds)[0], run_ort(compressed, feeds)[0]) < 0.05
+
+
+@pytest.mark.parametrize("batch", ["dynamic", 5])
+def test_end_to_end_check_runs_the_held_out_rows_alone_when_the_batch_allows(batch):
+    """Five samples per chunk, one held out in each: a dynamic batch is cut to that row (the
+    reference outputs are the model's on it alone), a fixed batch of 5 runs whole; the error of
+    the original against itself is 0 either way, and of a perturbed copy the same figure."""
+    from types import SimpleNamespace
+
+    from onnxfactor.calibration.correct import _EndToEnd
+
+    model = make_conv_model(batch=5)
+    if batch == "dynamic":
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_param = "N"
+    rng = np.random.default_rng(0)
+    chunks = [SimpleNamespace(samples=np.arange(5 * i, 5 * i + 5), feeds={"x": rng.standard_normal((5, 8, 11, 13)).astype(np.float32)})
+              for i in range(3)]
+    held_out = {4, 9, 14}
+    check = _EndToEnd(model, SimpleNamespace(cache=chunks), held_out, ["CPUExecutionProvider"])
+    assert check.samples == 3
+    assert [len(next(iter(feeds.values()))) for feeds, _, _ in check.chunks] == ([1, 1, 1] if batch == "dynamic" else [5, 5, 5])
+    assert check.error(model) == 0.0
+    perturbed = onnx.ModelProto.FromString(model.SerializeToString())
+    w = perturbed.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.1, w.name))
+    expected = rel_l2(np.concatenate([run_ort(model, {"x": c.feeds["x"]})[0][4:5] for c in chunks]),
+                      np.concatenate([run_ort(perturbed, {"x": c.feeds["x"][4:5]})[0] if batch == "dynamic"
+                                      else run_ort(perturbed, c.feeds)[0][4:5] for c in chunks]))
+    assert check.error(perturbed) == pytest.approx(expected, rel=1e-4) and expected > 0.05
