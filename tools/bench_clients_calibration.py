@@ -19,6 +19,7 @@ prints the calibration cost (statistics, fit, correction) and peak RSS per model
 
     python tools/bench_clients_calibration.py                      # ~40 min
     python tools/bench_clients_calibration.py --settings error:0.1 --repeats 3
+    python tools/bench_clients_calibration.py --only nudenet --settings error:0.05 --round-to 8
     python tools/bench_clients_calibration.py --settings error:0.1,error:0.15 --finetune 3   # + distillation
 
 ``--finetune EPOCHS`` distils each original into its compressed model on the same calibration
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--reconstruct", type=int, default=0, help="--reconstruct STEPS of every compression (PyTorch)")
     p.add_argument("--finetune", type=float, default=0.0, metavar="EPOCHS", help="fine-tune every compressed model (PyTorch)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-3 diverged on NudeNet)")
+    p.add_argument("--only", default="ocr,nudenet", help="engines to run: ocr (PP-OCRv4 det + rec), nudenet")
     p.add_argument("--workdir", type=Path, default=ROOT / "out" / "clients_calibration")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_clients_calibration.json")
     args = p.parse_args(argv)
@@ -101,8 +103,11 @@ def main(argv=None) -> int:
 
     os.chdir(ROOT)  # the loader paths are relative to the repository
     originals = clients.original_models()
+    engines = set(args.only.split(","))
+    names = [n for n in CALIBRATION if (n == "nudenet" and "nudenet" in engines) or (n != "nudenet" and "ocr" in engines)]
     stats, cost = {}, {}
-    for name, (loader, _, _) in CALIBRATION.items():
+    for name in names:
+        loader = CALIBRATION[name][0]
         t = time.perf_counter()
         stats[name] = onnxfactor.calibrate(originals[name], loader, config=config_for(name), input_shapes=clients.INPUT_SHAPES[name])
         cost[name] = {"statistics_seconds": time.perf_counter() - t, "samples": stats[name].samples,
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
         work = args.workdir / setting.replace(":", "_")
         work.mkdir(parents=True, exist_ok=True)
         paths, reports = {}, {}
-        for name in CALIBRATION:
+        for name in names:
             paths[name] = work / f"{name}.onnx"
             t = time.perf_counter()
             config = config_for(name, setting, args.round_to, args.reconstruct)
@@ -135,24 +140,31 @@ def main(argv=None) -> int:
                 reports[name] = compress_file(originals[name], paths[name], config=config,
                                               input_shapes=clients.INPUT_SHAPES[name], validation=None, calibration=stats[name])
             reports[name].timings["wall"] = time.perf_counter() - t
-        ocr = clients.ocr_compare(originals["det"], paths["det"], originals["rec"], paths["rec"], ocr_images, repeats=args.repeats)
-        det = clients.detector_compare(originals["nudenet"], paths["nudenet"], det_images, repeats=args.repeats)
+        none = {"images": {}, "summary": {"ms_original": None, "ms_compressed": None, "min_char_similarity": float("nan")}}
+        ocr = (clients.ocr_compare(originals["det"], paths["det"], originals["rec"], paths["rec"], ocr_images, repeats=args.repeats)
+               if "ocr" in engines else none)
+        det = clients.detector_compare(originals["nudenet"], paths["nudenet"], det_images, repeats=args.repeats) if "nudenet" in engines else none
         row = {"setting": setting, "reconstruct": args.reconstruct, "finetune_epochs": args.finetune,
                "finetune": {n: r.finetune for n, r in reports.items()},
                "models": {n: {"conv_macs_ratio": r.totals.conv_macs_ratio, "decomposed": len(r.decomposed), "layers": len(r.layers),
                               "timings": r.timings} for n, r in reports.items()},
-               "ocr_agrees": ocr_agrees(ocr["images"]), "detector_agrees": detector_agrees(det["images"]),
+               "ocr_agrees": "ocr" in engines and ocr_agrees(ocr["images"]),
+               "detector_agrees": "nudenet" in engines and detector_agrees(det["images"]),
                "ocr": ocr["summary"], "detector": det["summary"]}
         for key, res in (("ocr", ocr), ("detector", det)):
             s = res["summary"]
             row[f"{key}_speedup"] = s["ms_original"] / s["ms_compressed"] if s["ms_original"] and s["ms_compressed"] else None
         rows.append(row)
-        m = row["models"]
-        print(f"{setting:13s} det {m['det']['conv_macs_ratio']:.2f}x ({m['det']['decomposed']}/{m['det']['layers']}), "
-              f"rec {m['rec']['conv_macs_ratio']:.2f}x ({m['rec']['decomposed']}/{m['rec']['layers']}): OCR "
-              f"{'agrees' if row['ocr_agrees'] else 'DIFFERS'} {row['ocr_speedup']:.2f}x (min char sim {ocr['summary']['min_char_similarity']:.3f}) | "
-              f"nudenet {m['nudenet']['conv_macs_ratio']:.2f}x ({m['nudenet']['decomposed']}/{m['nudenet']['layers']}): "
-              f"{'agrees' if row['detector_agrees'] else 'DIFFERS'} {row['detector_speedup']:.2f}x", flush=True)
+        m, parts = row["models"], [f"{setting:13s}"]
+        if "ocr" in engines:
+            parts.append(f"det {m['det']['conv_macs_ratio']:.2f}x ({m['det']['decomposed']}/{m['det']['layers']}), "
+                         f"rec {m['rec']['conv_macs_ratio']:.2f}x ({m['rec']['decomposed']}/{m['rec']['layers']}): OCR "
+                         f"{'agrees' if row['ocr_agrees'] else 'DIFFERS'} {row['ocr_speedup']:.2f}x "
+                         f"(min char sim {ocr['summary']['min_char_similarity']:.3f})")
+        if "nudenet" in engines:
+            parts.append(f"nudenet {m['nudenet']['conv_macs_ratio']:.2f}x ({m['nudenet']['decomposed']}/{m['nudenet']['layers']}): "
+                         f"{'agrees' if row['detector_agrees'] else 'DIFFERS'} {row['detector_speedup']:.2f}x")
+        print(" | ".join(parts), flush=True)
     for key, agree in (("ocr", "ocr_agrees"), ("detector", "detector_agrees")):
         ok = [r for r in rows if r[agree]]
         best = max(ok, key=lambda r: r[f"{key}_speedup"], default=None)
