@@ -17,18 +17,19 @@ import onnx_graphsurgeon as gs
 from onnxfactor import io as model_io
 from onnxfactor.analysis import ConvSite, SkippedNode, count_params, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
 from onnxfactor.batchnorm import batchnorm_note, fold_batch_norms
-from onnxfactor.checks import check_written_model, require_loadable
+from onnxfactor.checks import check_written_model
 from onnxfactor.config import FIT_CHOICES, CompressConfig
 from onnxfactor.data.shapes import shape_sources, with_data_shapes
 from onnxfactor.decompose import LayerDecomposer
 from onnxfactor.errors import NothingToCompress, UsageError, ValidationFailed
 from onnxfactor.io import check_output_path
-from onnxfactor.linear import LinearSite, decompose_linear, find_linear_sites, select_faster_linear
+from onnxfactor.linear import LinearSite, decompose_linear, find_linear_sites
 from onnxfactor.linear import share_key as linear_share_key
 from onnxfactor.ranks.policies import load_rank_file
 from onnxfactor.report import CompressReport, Totals
 from onnxfactor.rewrite import Rewriter, export_model
-from onnxfactor.speed import Candidate, guard_end_to_end, meet_budget, select_faster_layers, time_options
+from onnxfactor.speed import Candidate, measured_selection, time_options
+from onnxfactor.validation.run import ValidationOptions, check_disjoint, validate
 from onnxfactor.validation.warning import accuracy_warning
 
 #: progress(done, total, layer_name) is called after each layer.
@@ -201,7 +202,11 @@ def compress(
     speed = out = None
     if measuring and (candidates or prep.linear):
         t = time.perf_counter()
-        out, speed = _measured_selection(prep, decomposer, candidates, config, timer, progress)
+        if prep.run_error is not None:
+            raise prep.run_error
+        out, speed = measured_selection(
+            _runnable(prep.loaded), prep.input_shapes, decomposer, candidates, prep.linear, config.latency, timer, opset=_opset(prep),
+            build=lambda: _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters), progress=progress)
         timings["latency"] = time.perf_counter() - t
     correction = None
     if calib is not None and (config.calibration.correct or reconstruct is not None):
@@ -351,69 +356,6 @@ def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi
     return model_io.restore_conventions(out, prep.loaded.ir_version)
 
 
-def _measured_selection(prep: _Prepared, decomposer, candidates: list[Candidate], config: CompressConfig, timer, progress=None):
-    """Per-layer timing, then the end-to-end guard or the latency budget; returns (model | None, speed dict).
-
-    The model is the last one measured (a copy); None when no end-to-end measurement was asked for.
-    """
-    from onnxfactor.latency import OrtTimer
-    from onnxfactor.validation import make_inputs, resolve_providers
-
-    if prep.run_error is not None:
-        raise prep.run_error
-    latency = config.latency
-    providers = resolve_providers(latency.provider)
-    from onnxfactor.timing_cache import cached_timer
-
-    timer = cached_timer(timer or OrtTimer(providers, latency.threads), latency.timing_cache, providers, latency.threads)
-    cache = timer if latency.timing_cache is not None else None
-    opset = _opset(prep)
-    # the normalised input stays unchanged on this path (trial and final models are copies), so it
-    # is timed as it is unless IR < 4 needs its initializers listed as inputs again
-    original = _runnable(prep.loaded)
-    require_loadable(original, providers)
-    feeds = make_inputs(original, shapes=prep.input_shapes, seed=0).batches[0]
-    speed = {"providers": providers, "threads": latency.threads, "margin": latency.margin}
-    if cache is not None:
-        speed["timing_cache"] = cache  # a live object: the report's JSON reads its final hit counts
-    budget = latency.target_speedup is not None or latency.max_latency_ms is not None
-    select_faster_linear(prep.linear, timer, margin=latency.margin, opset=opset)
-
-    def build():
-        return _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters)
-
-    if budget:
-        levels = decomposer.budget_options(candidates, timer, opset)
-        result, met = meet_budget(
-            candidates, levels, build, original, feeds, timer,
-            target_speedup=latency.target_speedup, max_latency_ms=latency.max_latency_ms,
-        )
-        goal = f"{latency.target_speedup:g}x" if latency.target_speedup is not None else f"{latency.max_latency_ms:g} ms"
-        if not met:
-            last = result.rounds[-1]
-            speed["warning"] = (
-                f"latency budget {goal} is out of reach: the fastest model found runs {last['compressed_ms']:.3g} ms "
-                f"against {last['original_ms']:.3g} ms ({last['speedup']:.2f}x) with every useful layer at its fastest option"
-            )
-            if last["speedup"] < 1.0 and not latency.allow_slower:  # never slower: the guard rolls back
-                guarded = guard_end_to_end(candidates, build, original, feeds, timer, margin=latency.margin)
-                result.rounds += guarded.rounds
-                result.model = guarded.model
-        speed.update(budget=goal, budget_met=met, **result.to_dict())
-        return result.model, speed
-    select_faster_layers(candidates, timer, margin=latency.margin, opset=opset,
-                         progress=(lambda d, n, name: progress(d, n, f"timing {name}")) if progress else None)
-    if not latency.guard:
-        return None, speed  # the caller builds the final model
-    result = guard_end_to_end(  # the linear chains can be rolled back too
-        [*candidates, *prep.linear], build, original, feeds, timer, allow_slower=latency.allow_slower, margin=latency.margin
-    )
-    speed.update(result.to_dict())
-    if result.speedup is not None and result.speedup < 1.0 + latency.margin and result.rounds[-1]["layers"]:
-        speed["warning"] = f"the compressed model measured {result.speedup:.2f}x as fast as the original (kept: --allow-slower)"
-    return result.model, speed
-
-
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -474,69 +416,6 @@ def analyze(
     return report
 
 
-@dataclass(frozen=True)
-class ValidationOptions:
-    """How to compare the compressed model against the original in ONNX Runtime.
-
-    ``data`` is anything :func:`onnxfactor.data.open_source` takes (an ``.npz``, an image folder
-    read with ``images``, a ``script.py[:function]``, an iterable of feed dicts), or None for
-    seeded random inputs.
-    """
-
-    data: object = None
-    images: object = None  # onnxfactor.data.ImageSpec for an image folder
-    seed: int = 0
-    max_samples: int | None = None
-    provider: str | None = None
-    threads: int | None = None
-    latency_runs: int = 50
-    max_rel_error: float | None = None
-    metric: object = None  # a task metric: "file.py[:function]" or a callable (onnxfactor.validation.metric)
-
-
-def validate(
-    original: str | os.PathLike | onnx.ModelProto,
-    compressed: str | os.PathLike | onnx.ModelProto,
-    *,
-    options: ValidationOptions | None = None,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-):
-    """Run both models in ONNX Runtime on the same inputs; errors, agreement, accuracy, latency.
-
-    Returns a :class:`onnxfactor.validation.ValidationResult`.
-    """
-    from onnxfactor.validation import make_inputs, resolve_providers
-    from onnxfactor.validation import validate as run_validation
-
-    options = options or ValidationOptions()
-    reference = original if isinstance(original, onnx.ModelProto) else model_io.load_model(original).model
-    inputs = make_inputs(reference, data=options.data, images=options.images, shapes=input_shapes or {}, seed=options.seed,
-                         max_samples=options.max_samples)
-    from onnxfactor.validation.metric import as_metric
-
-    providers = resolve_providers(options.provider)
-    return run_validation(
-        original, compressed, inputs=inputs, providers=providers, threads=options.threads, latency_runs=options.latency_runs,
-        metric=as_metric(options.metric),
-    )
-
-
-def validate_files(original, compressed, *, options: ValidationOptions, input_shapes=None, report_path=None):
-    """:func:`validate` for two files, optionally writing the result as JSON (never over either model)."""
-    if report_path is not None:
-        check_output_path(report_path, "report", protected={"original model": original, "compressed model": compressed})
-    for p in (original, compressed):
-        model_io.load_model(p)  # clear errors for missing / non-ONNX files
-    result = validate(Path(original), Path(compressed), options=options, input_shapes=input_shapes)
-    if report_path is not None:
-        import json
-
-        from onnxfactor.report import to_jsonable
-
-        Path(report_path).write_text(json.dumps(to_jsonable(result.to_dict()), indent=2) + "\n")
-    return result
-
-
 def _preflight_output(input_path: Path, output_path: Path, report_path: Path | None) -> None:
     """Fail fast, before any heavy work, on an output or report that cannot or must not be written.
 
@@ -588,7 +467,7 @@ def compress_file(
         resolve_providers(validation.provider)
         check_data_exists(validation.data, role="validation")
         if calibration is not None and validation.data is not None and not allow_overlap:
-            _check_disjoint(input_path, calibration, images, config, validation)
+            check_disjoint(input_path, calibration, images, config, validation)
     held_out = validation if validation is not None and validation.data is not None else None
     result = compress(input_path, config=config, input_shapes=input_shapes, progress=progress, calibration=calibration, images=images,
                       finetune=finetune, held_out=held_out)
@@ -636,12 +515,3 @@ def compress_file(
         if report_path is not None:
             report.write_json(report_path)
     return report
-
-
-def _check_disjoint(input_path: Path, calibration, images, config: CompressConfig | None, validation: ValidationOptions) -> None:
-    """Refuse calibration data that shares a file or a sample with the validation data (:mod:`onnxfactor.data.overlap`)."""
-    from onnxfactor.data import check_disjoint_data
-
-    check_disjoint_data(model_io.load_model(input_path).model, calibration, validation.data, images=images,
-                        samples=(config or CompressConfig()).calibration.samples, validation_images=validation.images,
-                        validation_samples=validation.max_samples)

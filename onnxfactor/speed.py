@@ -18,6 +18,8 @@ one in tests) this module
    then checked end to end and tightened until the measurement meets the budget or every option
    is used.
 
+:func:`measured_selection` runs them as ``compress`` asks (its ``LatencyConfig``).
+
 Layers inside control-flow subgraphs (or without a known input shape) cannot be timed alone: they
 are kept as decided by MACs and count in the end-to-end guard like the others.
 """
@@ -368,3 +370,63 @@ def meet_budget(
         result.model = best[2]
         result.rounds.append({**result.rounds[best[3]], "restored": True})
     return result, True
+
+
+def measured_selection(original: onnx.ModelProto, input_shapes: dict, decomposer, candidates: list[Candidate], linear: list,
+                       latency, timer: Timer | None, *, opset: int | None, build: Callable[[], onnx.ModelProto], progress=None):
+    """The measured selection as ``compress`` runs it; returns (model | None, the report's speed dict).
+
+    ``original`` is the normalised model as ONNX Runtime runs it (timed as it is), ``linear`` the
+    Gemm/MatMul candidates (:mod:`onnxfactor.linear`, timed alone first), ``latency`` the
+    :class:`onnxfactor.config.LatencyConfig`, ``build`` rewrites a copy with every candidate's
+    current chain. Per-layer timing (1), then the latency budget (3, with the guard when even the
+    fastest model is slower) or the end-to-end guard (2). The model is the last one measured (a
+    copy); None when no end-to-end measurement was asked for (the caller builds the final model).
+    ``timer`` (default: ONNX Runtime) is wrapped by ``latency.timing_cache`` when one is given.
+    """
+    from onnxfactor.checks import require_loadable
+    from onnxfactor.latency import OrtTimer
+    from onnxfactor.linear import select_faster_linear
+    from onnxfactor.timing_cache import cached_timer
+    from onnxfactor.validation import make_inputs, resolve_providers
+
+    providers = resolve_providers(latency.provider)
+    timer = cached_timer(timer or OrtTimer(providers, latency.threads), latency.timing_cache, providers, latency.threads)
+    cache = timer if latency.timing_cache is not None else None
+    require_loadable(original, providers)
+    feeds = make_inputs(original, shapes=input_shapes, seed=0).batches[0]
+    speed = {"providers": providers, "threads": latency.threads, "margin": latency.margin}
+    if cache is not None:
+        speed["timing_cache"] = cache  # a live object: the report's JSON reads its final hit counts
+    budget = latency.target_speedup is not None or latency.max_latency_ms is not None
+    select_faster_linear(linear, timer, margin=latency.margin, opset=opset)
+    if budget:
+        levels = decomposer.budget_options(candidates, timer, opset)
+        result, met = meet_budget(
+            candidates, levels, build, original, feeds, timer,
+            target_speedup=latency.target_speedup, max_latency_ms=latency.max_latency_ms,
+        )
+        goal = f"{latency.target_speedup:g}x" if latency.target_speedup is not None else f"{latency.max_latency_ms:g} ms"
+        if not met:
+            last = result.rounds[-1]
+            speed["warning"] = (
+                f"latency budget {goal} is out of reach: the fastest model found runs {last['compressed_ms']:.3g} ms "
+                f"against {last['original_ms']:.3g} ms ({last['speedup']:.2f}x) with every useful layer at its fastest option"
+            )
+            if last["speedup"] < 1.0 and not latency.allow_slower:  # never slower: the guard rolls back
+                guarded = guard_end_to_end(candidates, build, original, feeds, timer, margin=latency.margin)
+                result.rounds += guarded.rounds
+                result.model = guarded.model
+        speed.update(budget=goal, budget_met=met, **result.to_dict())
+        return result.model, speed
+    select_faster_layers(candidates, timer, margin=latency.margin, opset=opset,
+                         progress=(lambda d, n, name: progress(d, n, f"timing {name}")) if progress else None)
+    if not latency.guard:
+        return None, speed
+    result = guard_end_to_end(  # the linear chains can be rolled back too
+        [*candidates, *linear], build, original, feeds, timer, allow_slower=latency.allow_slower, margin=latency.margin
+    )
+    speed.update(result.to_dict())
+    if result.speedup is not None and result.speedup < 1.0 + latency.margin and result.rounds[-1]["layers"]:
+        speed["warning"] = f"the compressed model measured {result.speedup:.2f}x as fast as the original (kept: --allow-slower)"
+    return result.model, speed

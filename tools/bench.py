@@ -142,7 +142,8 @@ def run_one(model: str, path: str, mode: str, preset: str, runs: int, threads: i
     import onnxruntime  # noqa: F401
 
     import onnxfactor.cli  # noqa: F401
-    from onnxfactor.pipeline import ValidationOptions, compress_file, validate
+    from onnxfactor.pipeline import compress_file
+    from onnxfactor.validation.run import ValidationOptions, validate
     from onnxfactor.validation.inputs import parse_input_shapes
 
     config = make_config(preset, mode, threads, model)

@@ -65,7 +65,7 @@ def run_search(name: str, args, work: Path) -> dict:
     from onnxfactor import CompressConfig
     from onnxfactor.config import CalibrationConfig
     from onnxfactor.errors import ConstraintsNotMet
-    from onnxfactor.pipeline import ValidationOptions
+    from onnxfactor.validation.run import ValidationOptions
     from onnxfactor.search import Constraints, SearchConfig
     from onnxfactor.search.output import search_file
     from onnxfactor.validation.metric import TaskMetric

@@ -82,7 +82,8 @@ def run_one(model: str, path: str, validate: bool) -> dict:
     """Runs inside the child process: compress one model, report wall time and peak RSS."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import onnxfactor.cli  # noqa: F401  (pins BLAS threads like the CLI does)
-    from onnxfactor.pipeline import ValidationOptions, compress_file
+    from onnxfactor.pipeline import compress_file
+    from onnxfactor.validation.run import ValidationOptions
     from onnxfactor.validation.inputs import parse_input_shapes
 
     import onnx, onnxruntime, onnx_graphsurgeon, numpy  # noqa: E401,F401  (imports outside the timing)

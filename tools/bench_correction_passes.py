@@ -55,7 +55,7 @@ def main() -> None:
     from onnxfactor import CompressConfig, compress
     from onnxfactor.config import CalibrationConfig, RankConfig
     from onnxfactor.data import image_spec
-    from onnxfactor.pipeline import ValidationOptions, validate
+    from onnxfactor.validation.run import ValidationOptions, validate
 
     texts = args.only.split(",")
     jobs = []

@@ -43,7 +43,7 @@ def models() -> dict[str, tuple[Path, dict, Path | None, tuple[str, ...]]]:
 def run(name: str, method: str, policy: str, weaken: float) -> dict:
     from onnxfactor import compress, validate
     from onnxfactor.config import CompressConfig, RankConfig
-    from onnxfactor.pipeline import ValidationOptions
+    from onnxfactor.validation.run import ValidationOptions
 
     path, shapes, data, exclude = models()[name]
     config = CompressConfig(ranks=RankConfig(policy=policy, weaken=weaken), method=method, exclude=exclude)

@@ -106,7 +106,8 @@ def compress(
 
     from onnxfactor.config import LatencyConfig
     from onnxfactor.errors import UsageError
-    from onnxfactor.pipeline import ValidationOptions, compress_file
+    from onnxfactor.pipeline import compress_file
+    from onnxfactor.validation.run import ValidationOptions
 
     config = _configs(ranks, weaken, ratio, energy, target_error, rank_file, rank0, min_rank, round_to, min_reduction, in_min_channels, hooi, node, exclude, method,
                       include_linear=include_linear, fold_batchnorm=fold_batchnorm)
@@ -190,7 +191,7 @@ def finetune(
     """Fine-tune a compressed model by label-free distillation from its original (--teacher) on --calibration data."""
     from onnxfactor.errors import UsageError
     from onnxfactor.finetune.stage import finetune_file
-    from onnxfactor.pipeline import ValidationOptions
+    from onnxfactor.validation.run import ValidationOptions
 
     if calibration is None:
         raise UsageError("fine-tuning needs data: give --calibration DATA (an .npz, an image folder or script.py[:function])")
@@ -297,7 +298,7 @@ def validate(
     report: opt.ReportPath = None,
 ) -> None:
     """Compare two models' outputs (errors, top-1 agreement, accuracy) and latency in ONNX Runtime."""
-    from onnxfactor.pipeline import ValidationOptions, validate_files
+    from onnxfactor.validation.run import ValidationOptions, validate_files
 
     options = ValidationOptions(
         data=data, images=image_spec(image_size, resize, scale, mean, std, channel_order, layout), seed=seed,

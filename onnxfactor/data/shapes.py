@@ -92,7 +92,7 @@ def with_data_shapes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] |
 
 def shape_sources(calibration=None, images=None, held_out=None) -> list[tuple[Any, Any, str]]:
     """The ``sources`` of :func:`with_data_shapes` for a run: the held-out data (an object with
-    ``data`` and ``images``, e.g. :class:`onnxfactor.pipeline.ValidationOptions`) first, then the
+    ``data`` and ``images``, e.g. :class:`onnxfactor.validation.run.ValidationOptions`) first, then the
     calibration data."""
     out = []
     if held_out is not None and getattr(held_out, "data", None) is not None:

@@ -66,11 +66,12 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
                        finetune_data=None, images=None, input_shapes=None, held_out=None, progress=None, timer=None):
     """Iterative compression (module docstring); returns a :class:`onnxfactor.pipeline.CompressResult`.
 
-    ``held_out`` (a :class:`onnxfactor.pipeline.ValidationOptions` with data) measures each stage.
+    ``held_out`` (a :class:`onnxfactor.validation.run.ValidationOptions` with data) measures each stage.
     """
     from onnxfactor.analysis import count_params
     from onnxfactor.finetune.stage import finetune_model
-    from onnxfactor.pipeline import CompressResult, _load_explicit, _prepare, _runnable, compress, validate
+    from onnxfactor.pipeline import CompressResult, _load_explicit, _prepare, _runnable, compress
+    from onnxfactor.validation.run import validate
     from onnxfactor.report import Totals
 
     start = time.perf_counter()

@@ -141,7 +141,7 @@ def finetune_file(compressed_path, output_path, teacher_path, data, *, config: F
     from onnxfactor.data import check_data_exists, check_disjoint_data
     from onnxfactor.errors import NothingToCompress
     from onnxfactor.finetune.graph import ConversionError
-    from onnxfactor.pipeline import validate
+    from onnxfactor.validation.run import validate
     from onnxfactor.report import to_jsonable
 
     compressed_path, output_path = Path(compressed_path), Path(output_path)

@@ -41,7 +41,7 @@ class Context:
 
     model: Path
     base: object                    # CompressConfig: selection, calibration options, include_linear
-    held_out: object                # pipeline.ValidationOptions with data
+    held_out: object                # validation.run.ValidationOptions with data
     input_shapes: dict | None = None
     stats_file: Path | None = None  # a pickled CalibrationData
     threads: int | None = 1         # ONNX Runtime intra-op threads of each worker
@@ -92,7 +92,8 @@ def evaluate(spec: dict, ctx: Context, *, model_out: Path | None = None) -> dict
     """Build ``spec`` and measure it (module docstring); ``model_out`` also saves the model."""
     import onnx
 
-    from onnxfactor.pipeline import ValidationOptions, compress, validate
+    from onnxfactor.pipeline import compress
+    from onnxfactor.validation.run import ValidationOptions, validate
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxfactor-search-") as tmp:

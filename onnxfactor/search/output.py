@@ -29,7 +29,8 @@ def search_file(model, output, calibration, held_out, *, config: SearchConfig, b
     """
     from onnxfactor import io as model_io
     from onnxfactor.data import check_data_exists
-    from onnxfactor.pipeline import _check_disjoint, compress_file
+    from onnxfactor.pipeline import compress_file
+    from onnxfactor.validation.run import check_disjoint
     from onnxfactor.search.evaluate import config_for
 
     model, output = Path(model), Path(output)
@@ -40,7 +41,7 @@ def search_file(model, output, calibration, held_out, *, config: SearchConfig, b
     check_data_exists(calibration, role="calibration")
     check_data_exists(held_out.data, role="validation")
     if not allow_overlap:  # accuracy on the samples the factors were fitted to is not what users will see
-        _check_disjoint(model, calibration, images, base, held_out)
+        check_disjoint(model, calibration, images, base, held_out)
     result = search(model, calibration, held_out, config=config, base=base, images=images, input_shapes=input_shapes,
                     finetune=brief_finetune, progress=progress)
     report = to_jsonable(result.to_dict())

@@ -229,7 +229,8 @@ def test_cli_finetune_command(tmp_path):
 def test_iterative_mode_re_estimates_the_next_stages_ranks_on_updated_weights(tmp_path):
     """VBMF ranks depend on the weights alone: stage 2's differ from one shot only because the
     Convs waiting for their stage were trained during stage 1."""
-    from onnxfactor.pipeline import ValidationOptions, compress_file
+    from onnxfactor.pipeline import compress_file
+    from onnxfactor.validation.run import ValidationOptions
 
     config = CompressConfig(exclude=("/0/Conv",), calibration=CalibrationConfig(samples=256))
     one_shot = {l.name: l.ranks for l in compress(MODELS / "fashion_cnn.onnx", config=config, calibration=CALIB).report.layers}

@@ -14,7 +14,7 @@ from onnx import helper
 from onnxfactor import compress, validate
 from onnxfactor.config import CompressConfig, RankConfig
 from onnxfactor.methods import METHODS
-from onnxfactor.pipeline import ValidationOptions
+from onnxfactor.validation.run import ValidationOptions
 from tests.conftest import MODELS, make_conv_model, rel_l2, run_ort
 from tests.integration.test_cp_exactness import CASES, I, O, RANK, TUCKER_RANKS, build_weight
 from tools import model_zoo

@@ -12,7 +12,8 @@ import pytest
 
 from onnxfactor import compress, io, validate
 from onnxfactor.config import CompressConfig, RankConfig
-from onnxfactor.pipeline import ValidationOptions, check_written_model
+from onnxfactor.pipeline import check_written_model
+from onnxfactor.validation.run import ValidationOptions
 from tests.conftest import MODELS, run_ort
 from tools import model_zoo
 
