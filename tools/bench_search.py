@@ -53,10 +53,10 @@ def halves(out: Path):
     return select, x[5000:], y[5000:]
 
 
-def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: str | None = None, cache=None, round_to: int = 1,
+def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: str | None = None, cache=None, round_to: int = 8,
         layer_timing: bool = False, methods: tuple[str, ...] = ("tucker2",)):
     from onnxfactor.config import CalibrationConfig, CompressConfig
-    from onnxfactor.pipeline import ValidationOptions
+    from onnxfactor.validation.run import ValidationOptions
     from onnxfactor.search import Constraints, SearchConfig, search
     from onnxfactor.search.runner import describe
 
@@ -85,7 +85,7 @@ def weight_cap(cap_mb: float, out: Path) -> dict:
     """light VGG-19 under ``--max-weight-mb cap_mb``: convs only vs with the fully connected layers."""
     from onnxfactor.config import CalibrationConfig, CompressConfig
     from onnxfactor.errors import ConstraintsNotMet
-    from onnxfactor.pipeline import ValidationOptions
+    from onnxfactor.validation.run import ValidationOptions
     from onnxfactor.search import Constraints, SearchConfig, search
     from onnxfactor.search.runner import describe
     from tools.bench_compress import model_paths
@@ -100,7 +100,7 @@ def weight_cap(cap_mb: float, out: Path) -> dict:
     rows = {}
     for label, linear in (("convs only", False), ("with FC layers", True)):
         base = CompressConfig(include_linear=linear, calibration=CalibrationConfig(samples=16, correction_samples=8))
-        config = SearchConfig(constraints=Constraints(max_weight_mb=cap_mb), fractions=(0.1, 0.25, 0.5), jobs=1, threads=2,
+        config = SearchConfig(constraints=Constraints(max_weight_mb=cap_mb), fractions=(0.1, 0.25, 0.5), jobs=1, threads=2, round_to=1,
                               latency_runs=5, max_evaluations=4)
         t = time.perf_counter()
         try:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--parallel", action="store_true")
-    p.add_argument("--round-to", default="1", help="rank rounding of the allocation's curves; several (1,8): one allocate search each")
+    p.add_argument("--round-to", default="8", help="rank rounding of the allocation's curves (search's default with the latency objective); several (1,8): one allocate search each")
     p.add_argument("--strategies", default="grid,allocate")
     p.add_argument("--layer-timing", action="store_true", help="allocate by measured layer time (search --layer-timing)")
     p.add_argument("--weight-cap", type=float, default=None, metavar="MB", help="also light VGG-19 under --max-weight-mb MB")

@@ -56,7 +56,7 @@ def search(
     strategy: Annotated[opt.StrategyName, typer.Option("--strategy", help="allocate: per-layer ranks from sensitivity curves and a Pareto front; grid: every global setting.")] = opt.StrategyName.allocate,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to search (tucker2, cp3, cp4, tucker3); with several, allocate picks a method per layer, grid tries each.")] = "tucker2",
     fractions: Annotated[Optional[str], typer.Option("--fractions", help="Comma-separated rank fractions of the sensitivity curves and the grid.", show_default=False)] = None,
-    round_to: opt.RoundTo = 1,
+    round_to: Annotated[Optional[int], typer.Option("--round-to", help="allocate: round ranks up to a multiple of this (1 = off). Default: 8 with --objective latency (measured faster), 1 with macs/params.", show_default=False, min=1)] = None,
     layer_timing: Annotated[bool, typer.Option("--layer-timing", help="allocate: order the front by each layer's chain timed against its Conv in ONNX Runtime (summed ms) instead of MACs.")] = False,
     timing_cache: opt.TimingCache = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Candidates evaluated at once in a local process pool (default: the cores, at most 4).", show_default=False, min=1)] = None,
@@ -97,7 +97,7 @@ def search(
     from onnxfactor.cli.commands import _calibration_config, _finetune_config, _metric, _shapes, image_spec
     from onnxfactor.config import CompressConfig
     from onnxfactor.errors import UsageError
-    from onnxfactor.pipeline import ValidationOptions
+    from onnxfactor.validation.run import ValidationOptions
     from onnxfactor.search import Constraints, SearchConfig
     from onnxfactor.search.output import search_file
     from onnxfactor.search.runner import describe

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from onnxfactor.config import CalibrationConfig, CompressConfig
-from onnxfactor.pipeline import ValidationOptions
+from onnxfactor.validation.run import ValidationOptions
 from onnxfactor.search import Constraints, SearchConfig, search
 from onnxfactor.search.evaluate import Context, config_for
 from onnxfactor.search.executor import Executor
@@ -53,6 +53,10 @@ def test_search_cli_meets_the_requirement_writes_report_plots_and_reuses_its_cac
     assert winner is not None and winner["violations"] == []
     assert 100 * (winner["accuracy_original"] - winner["accuracy"]) <= 1.0
     assert 1 <= len(report["candidates"]) <= 4 and report["exact_front"]
+    # the latency objective's default rounding: every rank a multiple of 8 (the layers have >= 32 channels)
+    assert report["config"]["round_to"] == 8
+    ranks = [r for layer in winner["spec"]["ranks"].values() if layer for r in layer.values()]
+    assert ranks and all(r % 8 == 0 for r in ranks), ranks
     assert {r["fraction"] for r in report["sensitivity"]} == {0.2, 0.3, 0.5}
     # the written model is the winner, built again: same ranks, same held-out accuracy
     assert out["validation"]["accuracy_compressed"] == pytest.approx(winner["accuracy"])

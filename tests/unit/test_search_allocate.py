@@ -7,7 +7,7 @@ import pytest
 
 from onnxfactor.search.allocate import Option, best_under, brute_force, pareto_allocations
 from onnxfactor.search.constraints import Constraints, violations
-from onnxfactor.search.runner import SearchConfig, pick_winner, run_allocation
+from onnxfactor.search.runner import SearchConfig, pick_winner, rounding, run_allocation
 
 
 def _curves(rng, layers: int, options: int, integer: bool = True) -> dict:
@@ -148,3 +148,12 @@ def test_several_methods_make_one_front_with_a_method_per_layer():
     a = mixed[len(mixed) // 2]
     assert layer_spec(MIXED, a.settings())["ranks"] == {n: (None if o.setting is None else {"method": o.setting["method"], **o.setting["ranks"]})
                                                         for n, o in sorted(a.choice.items())}
+
+
+def test_the_default_rounding_follows_the_objective():
+    """8 when the objective is measured latency (ONNX Runtime's blocked kernels), 1 when rounding up
+    would only add what is minimised; an explicit value always wins."""
+    assert rounding(SearchConfig()) == 8
+    assert rounding(SearchConfig(objective="macs")) == rounding(SearchConfig(objective="params")) == 1
+    assert rounding(SearchConfig(objective="params", round_to=16)) == 16
+    assert rounding(SearchConfig(round_to=1)) == 1
