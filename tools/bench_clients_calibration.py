@@ -98,12 +98,14 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=ROOT / "out" / "clients_calibration")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_clients_calibration.json")
     args = p.parse_args(argv)
+    engines = set(args.only.split(","))
+    if not engines <= {"ocr", "nudenet"}:
+        p.error(f"--only: unknown engine {', '.join(sorted(engines - {'ocr', 'nudenet'}))}; choose from ocr, nudenet")
     import onnxfactor
     from onnxfactor import compress_file
 
     os.chdir(ROOT)  # the loader paths are relative to the repository
     originals = clients.original_models()
-    engines = set(args.only.split(","))
     names = [n for n in CALIBRATION if (n == "nudenet" and "nudenet" in engines) or (n != "nudenet" and "ocr" in engines)]
     stats, cost = {}, {}
     for name in names:
