@@ -149,6 +149,8 @@ class CalibrationConfig:
     memory_mb:
         Budget for the calibration stage's own arrays: exposed activations of one run, tiles and
         the cached tile samples each get a quarter; the moment matrices come on top (reported).
+        During the correction the cut tensors of the compressed and the original network on the
+        cached samples get a quarter each (:mod:`onnxfactor.calibration.segments`).
     ridge:
         Ridge of the input covariance before its Cholesky factor, relative to its mean eigenvalue:
         ``C + ridge * tr(C) / n * I``. It bounds how much the fit trusts directions the calibration

@@ -9,6 +9,11 @@ layers, which would add the measured selection's own cost), and its timings are 
 
     python tools/bench_calibration_cost.py                   # nudenet 320n and PP-OCRv4 det, 256 inputs each
     python tools/bench_calibration_cost.py --models nudenet --count 64
+    python tools/bench_calibration_cost.py --from-inputs     # every correction run from the inputs, as before the cuts
+
+``--from-inputs`` runs the correction's passes and checks from the model's inputs
+(``correct_chains(segments=False)``) instead of from the cut before each pass
+(:mod:`onnxfactor.calibration.segments`): the same results, the previous cost.
 """
 
 from __future__ import annotations
@@ -29,10 +34,15 @@ if str(ROOT) not in sys.path:
 LOADERS = {"nudenet": "nudenet", "ppocr_det": "ppocr_det"}
 
 
-def one(name: str, count: int) -> dict:
+def one(name: str, count: int, from_inputs: bool = False) -> dict:
     os.environ["ONNXFACTOR_CALIB_COUNT"] = str(count)
     from onnxfactor import CompressConfig, compress
+    from onnxfactor.calibration import correct
     from tools import calibration_sets, model_zoo
+
+    if from_inputs:
+        real = correct.correct_chains
+        correct.correct_chains = lambda *a, **k: real(*a, segments=False, **k)
 
     path = model_zoo.nudenet_320n() if name == "nudenet" else model_zoo.ppocr("det")
     feeds = []
@@ -48,7 +58,7 @@ def one(name: str, count: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tm = report.timings
     return {
-        "model": name, "samples": report.calibration["samples"], "input_shape": list(next(iter(feeds[0].values())).shape),
+        "model": name, "from_inputs": from_inputs, "samples": report.calibration["samples"], "input_shape": list(next(iter(feeds[0].values())).shape),
         "inputs_mb": round(input_mb, 1), "statistics_s": round(tm.get("calibration_statistics", 0), 1),
         "fit_s": round(tm.get("decompose", 0), 1), "correction_s": round(tm.get("correction", 0), 1),
         "total_s": round(wall, 1), "peak_rss_mb": round(peak), "rss_before_mb": round(base),
@@ -61,17 +71,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="nudenet,ppocr_det")
     p.add_argument("--count", type=int, default=256)
+    p.add_argument("--from-inputs", action="store_true", help="run the correction from the model's inputs (the cost before the cuts)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_calibration_cost.json")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one, args.count)))
+        print(json.dumps(one(args.one, args.count, args.from_inputs)))
         return 0
     rows = []
     print("| model | inputs | input MB | statistics s | fit s | correction s | total s | peak RSS MB (before) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--count", str(args.count)],
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--count", str(args.count)] + ["--from-inputs"] * args.from_inputs,
                              capture_output=True, text=True, check=True, cwd=ROOT)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)

@@ -38,6 +38,12 @@ compute their outputs with the *original* Convs and their chains run beside them
 their corrections were perfect. Fitted to those layers' errors before their correction instead,
 it compensates for what their own correction removes as well (measured on NudeNet 320n at VBMF
 ranks, 8 passes: see the README's correction-passes table).
+
+Cuts: everything before a pass's first chain is final once the passes before it are judged, so
+the pass's runs and checks start at the cut before it (:mod:`onnxfactor.calibration.segments`)
+from the cut tensors cached on the correction samples, moved forward pass by pass, instead of at
+the model's inputs (NudeNet 320n at VBMF ranks: the correction 39.3 -> 22.2 s, the same
+decisions; ``tools/bench_calibration_cost.py --from-inputs`` measures the other way).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxfactor.calibration.probe import Probe
+from onnxfactor.calibration.segments import Frontier
 from onnxfactor.calibration.statistics import CalibrationData
 from onnxfactor.calibration.tiles import TileGeometry, explicit_pads
 from onnxfactor.config import CalibrationConfig
@@ -264,13 +271,25 @@ def pass_model(model: onnx.ModelProto, original: onnx.ModelProto, group, nodes, 
     return out
 
 
+def _cuts(model: onnx.ModelProto, original: onnx.ModelProto, active, stages: list[range], nodes: dict,
+          calibration: CalibrationData) -> list[tuple[int, int]]:
+    """Per pass, the node positions in ``model`` and in ``original`` before which nothing changes from
+    that pass on: the first node of any chain of this or a later pass, and the first of their
+    original Convs (0 where one is not a top-level node: then every run starts at the inputs)."""
+    position = {n.name: i for i, n in enumerate(model.graph.node)}
+    producer = {o: i for i, n in enumerate(original.graph.node) for o in n.output}
+    firsts = [min((position.get(n.name, 0) for n in nodes[c.site.name]), default=0) for c in active]
+    originals = [producer.get(calibration.layers[c.site.name].output_name, 0) for c in active]
+    return [(min(firsts[stage.start:]), min(originals[stage.start:])) for stage in stages]
+
+
 def _holdout_samples(calibration: CalibrationData) -> set[int]:
     ids = sorted({int(x) for chunk in calibration.cache for x in chunk.samples})
     return {s for i, s in enumerate(ids) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1}
 
 
 def correct_chains(candidates, build, original: onnx.ModelProto, calibration: CalibrationData, config: CalibrationConfig, *,
-                   providers: list[str], reconstruct=None, progress=None) -> dict:
+                   providers: list[str], reconstruct=None, progress=None, segments: bool = True) -> dict:
     """Sequentially correct (and, with ``reconstruct``, reconstruct) the candidates' chains in place.
 
     ``candidates`` (:class:`onnxfactor.speed.Candidate`, graph order) with a chain and statistics
@@ -279,6 +298,12 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
     targets, holdout, bias, activation) -> (chain, info)`` (:mod:`onnxfactor.calibration.reconstruct`).
     Updates each candidate's ``chain`` and report row (``correction``, ``reconstruction``) and
     returns the stage's summary for the report.
+
+    Every run starts at the cut before the current pass (:mod:`onnxfactor.calibration.segments`):
+    the cut tensors of the compressed and of the original network on the cached samples take at
+    most a quarter of ``config.memory_mb`` each (the statistics pass's quarter for one run's
+    activations, free by now), or the run starts further back. ``segments=False`` runs everything
+    from the inputs (the same results; tested).
     """
     start = time.perf_counter()
     active = [c for c in candidates if c.chain is not None and c.site.name in calibration.layers]
@@ -295,20 +320,29 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
     nodes = {c.site.name: _chain_nodes(model, c.layer.new_nodes) for c in active}
     initializers = _Initializers(model)
     held_out = _holdout_samples(calibration)
-    check = _EndToEnd(original, calibration, held_out, providers)
+    budget = config.memory_mb * (1 << 20) / 4 if segments else 0.0
+    check = _EndToEnd(original, calibration, held_out, providers, budget / 5)
     judge = _Judge(check, model, initializers, nodes)
     before = judge.current
     stage_errors = []
     stages = plan_stages(len(active), config.stages)
     summary["stages"] = len(stages)
     rng = np.random.default_rng(config.seed)
+    feeds = [chunk.feeds for chunk in calibration.cache]
+    fronts = (Frontier(feeds, budget * 4 / 5), Frontier(feeds, budget))  # the compressed network's, the original's
+    cuts = _cuts(model, original, active, stages, nodes, calibration)
+    cut_bytes = 0
     for number, stage in enumerate(stages):
         group = [active[i] for i in stage]
         t = time.perf_counter()
+        fronts[0].advance(model, cuts[number][0], providers)  # the earlier passes are final now
+        fronts[1].advance(original, cuts[number][1], providers)
+        check.advance(model, cuts[number][0])
+        cut_bytes = max(cut_bytes, fronts[0].nbytes + fronts[1].nbytes + check.front.nbytes)
         correctable = [c for c in group if config.correct]
         inputs = pass_model(model, original, group, nodes, calibration) if len(group) > 1 else model
-        sums = _accumulate(inputs, original, correctable, nodes, calibration, providers, held_out, config, rng) if correctable else {}
-        windows = _gather(inputs, group, calibration, providers) if reconstruct is not None else {}
+        sums = _accumulate(inputs, original, correctable, nodes, calibration, providers, held_out, config, rng, fronts) if correctable else {}
+        windows = _gather(inputs, group, calibration, providers, fronts[0]) if reconstruct is not None else {}
         del inputs
         summary["passes_seconds"] += time.perf_counter() - t
         previous = {c.site.name: c.chain for c in group}
@@ -330,6 +364,8 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
             stage_errors.append(judge.accept(group, previous))
         if progress is not None:
             progress(number + 1, len(stages), "correcting")
+    summary["cuts"] = {"compressed_moves": fronts[0].moves, "original_moves": fronts[1].moves, "check_moves": check.front.moves,
+                       "peak_mb": round(cut_bytes / (1 << 20), 1), "budget_mb": round(2 * budget / (1 << 20), 1)}
     if before is not None:
         reverted = [c.site.name for c in active if c.site.name in judge.reverted]
         summary["end_to_end"] = {"held_out_error_before": before, "held_out_error_after": judge.current,
@@ -401,11 +437,13 @@ class _EndToEnd:
     on other inputs.
     """
 
-    def __init__(self, original: onnx.ModelProto, calibration: CalibrationData, held_out: set[int], providers: list[str]):
+    def __init__(self, original: onnx.ModelProto, calibration: CalibrationData, held_out: set[int], providers: list[str],
+                 budget: float = 0.0):
         self.names = [o.name for o in original.graph.output]
         self.providers = providers
         self.chunks = []  # (feeds, held-out rows, the original's outputs at those rows)
         self.samples = 0
+        self.front = Frontier([], budget)
         if not held_out:
             return
         reference = Probe(original, self.names, providers, spinning=False)
@@ -420,6 +458,11 @@ class _EndToEnd:
                 rows = np.ones(int(rows.sum()), dtype=bool)
             self.chunks.append((feeds, rows, {n: self._rows(outputs[n], rows) for n in self.names}))
             self.samples += int(rows.sum())
+        self.front = Frontier([feeds for feeds, _, _ in self.chunks], budget)
+
+    def advance(self, model: onnx.ModelProto, position: int) -> None:
+        """Start the checks at the cut before node ``position`` of ``model`` (all before it is final)."""
+        self.front.advance(model, position, self.providers)
 
     @staticmethod
     def _held_only(reference: Probe, feeds: dict, rows: np.ndarray):
@@ -443,22 +486,21 @@ class _EndToEnd:
             return None
         from onnxfactor.validation.compare import compare_outputs
 
-        probe = Probe(model, self.names, self.providers, spinning=False)
         compressed = []
-        for feeds, rows, _ in self.chunks:
-            outputs = probe.run(feeds)
+        for (_, rows, _), outputs in zip(self.chunks, self.front.run(model, self.names, self.providers)):
             compressed.append({n: self._rows(outputs[n], rows) for n in self.names})
         results = compare_outputs([reference for _, _, reference in self.chunks], compressed)  # NaN or a stray inf: inf
         return float(max(r.rel_l2 for r in results)) if results else None
 
 
 def _accumulate(model, original, group, nodes, calibration: CalibrationData, providers, held_out: set[int],
-                config: CalibrationConfig, rng) -> dict:
-    """Per layer and group, ``(fit, held-out)`` normal equations of its last conv over the cached samples."""
+                config: CalibrationConfig, rng, fronts: tuple[Frontier, Frontier]) -> dict:
+    """Per layer and group, ``(fit, held-out)`` normal equations of its last conv over the cached samples
+    (the compressed ``model`` and the ``original`` run from their frontiers ``fronts``)."""
     h_names = {c.site.name: nodes[c.site.name][-1].input[0] for c in group}
     y_names = {c.site.name: calibration.layers[c.site.name].output_name for c in group}
-    compressed = Probe(model, list(h_names.values()), providers, prune=True, spinning=False)  # the two take turns
-    reference = Probe(original, list(y_names.values()), providers, prune=True, spinning=False)
+    compressed = fronts[0].probe(model, list(h_names.values()), providers)  # the two take turns: no spinning
+    reference = fronts[1].probe(original, list(y_names.values()), providers)
     total = max(1, sum(len(chunk.samples) for chunk in calibration.cache))
     sums = {}
     for c in group:
@@ -466,8 +508,8 @@ def _accumulate(model, original, group, nodes, calibration: CalibrationData, pro
         g = last.group
         fg, og = last.weight.shape[1] * math.prod(last.weight.shape[2:]), last.weight.shape[0] // g
         sums[c.site.name] = [(NormalEquations(fg, og), NormalEquations(fg, og)) for _ in range(g)]
-    for chunk in calibration.cache:
-        hs, ys = compressed.run(chunk.feeds), reference.run(chunk.feeds)
+    for number, chunk in enumerate(calibration.cache):
+        hs, ys = compressed.run(fronts[0].values[number]), reference.run(fronts[1].values[number])
         rows_held = np.asarray([int(s) in held_out for s in chunk.samples], dtype=bool)
         for c in group:
             h, y = hs[h_names[c.site.name]], ys[y_names[c.site.name]]
@@ -491,17 +533,18 @@ def _accumulate(model, original, group, nodes, calibration: CalibrationData, pro
     return sums
 
 
-def _gather(model: onnx.ModelProto, group, calibration: CalibrationData, providers: list[str]) -> dict[str, np.ndarray]:
-    """Each layer's input tiles in the current compressed ``model``, at the positions of its statistics' tiles."""
+def _gather(model: onnx.ModelProto, group, calibration: CalibrationData, providers: list[str], front: Frontier) -> dict[str, np.ndarray]:
+    """Each layer's input tiles in the current compressed ``model`` (run from ``front``), at the positions of
+    its statistics' tiles."""
     stats = {c.site.name: calibration.layers[c.site.name] for c in group if calibration.layers[c.site.name].tiles.count}
     if not stats:
         return {}
-    probe = Probe(model, [st.input_name for st in stats.values()], providers, prune=True, spinning=False)
+    probe = front.probe(model, [st.input_name for st in stats.values()], providers)
     where = {name: calibration.locate(st.tiles.samples) for name, st in stats.items()}
     out = {name: np.empty_like(st.tiles.windows) for name, st in stats.items()}
     needed = sorted({chunk for w in where.values() for chunk, _ in w})
     for chunk in needed:
-        acts = probe.run(calibration.cache[chunk].feeds)
+        acts = probe.run(front.values[chunk])
         for name, st in stats.items():
             picks = [j for j, (c, _) in enumerate(where[name]) if c == chunk]
             if not picks:

@@ -26,9 +26,10 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def needed_nodes(graph: onnx.GraphProto, outputs: list[str]) -> list[int]:
+def needed_nodes(graph: onnx.GraphProto, outputs: list[str], stop: set[str] | frozenset = frozenset()) -> list[int]:
     """Indices of the nodes ``outputs`` depend on, in graph order (ONNX Runtime runs every node of a
-    graph whatever outputs are fetched, so a probe of early tensors prunes the rest itself)."""
+    graph whatever outputs are fetched, so a probe of early tensors prunes the rest itself). Tensors
+    in ``stop`` are given (:mod:`onnxfactor.calibration.segments`): their producers are not needed."""
     producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
     wanted, stack, seen = set(), list(outputs), set()
     while stack:
@@ -36,7 +37,7 @@ def needed_nodes(graph: onnx.GraphProto, outputs: list[str]) -> list[int]:
         if name in seen:
             continue
         seen.add(name)
-        i = producer.get(name)
+        i = None if name in stop else producer.get(name)
         if i is None or i in wanted:
             continue
         wanted.add(i)
@@ -56,23 +57,32 @@ class Probe:
 
     ``model`` is not modified (it is copied once). :meth:`run` returns name -> array for every
     name in ``names``. ``prune`` keeps only the nodes those tensors depend on.
+
+    ``sources`` (name -> an example array: its dtype and rank) makes a probe that starts at a cut
+    through the graph (:mod:`onnxfactor.calibration.segments`): those tensors become its inputs,
+    only what lies between them and ``names`` runs (``prune`` implied), and :meth:`run` takes
+    their values in the feeds (graph inputs still read after the cut are among them).
     """
 
     def __init__(self, model: onnx.ModelProto, names: list[str], providers: list[str], *, threads: int | None = None,
-                 prune: bool = False, spinning: bool = True):
+                 prune: bool = False, spinning: bool = True, sources: dict[str, np.ndarray] | None = None):
         from onnxfactor.validation.providers import make_session
 
-        self.inputs = {v.name for v in model.graph.input}
+        sources = dict(sources or {})
+        self.inputs = {v.name for v in model.graph.input} | set(sources)
         self.names = list(dict.fromkeys(names))
         self.fetch = [n for n in self.names if n not in self.inputs]
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
-        if prune and self.fetch:
-            keep = needed_nodes(probe.graph, self.fetch)
+        self.feed_names = None  # every feed (a whole-model probe)
+        if (prune or sources) and self.fetch:
+            keep = needed_nodes(probe.graph, self.fetch, stop=frozenset(sources))
             nodes = [probe.graph.node[i] for i in keep]
             del probe.graph.node[:]
             probe.graph.node.extend(nodes)
             del probe.graph.output[:]
+            if sources:
+                self._start_at(probe, sources)
         present = {o.name for o in probe.graph.output}
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self.fetch if n not in present)
         try:
@@ -80,9 +90,24 @@ class Probe:
         except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types
             raise UsageError(f"ONNX Runtime cannot run the model with its Conv tensors exposed for calibration: {first_line(e)}") from None
 
+    def _start_at(self, probe: onnx.ModelProto, sources: dict[str, np.ndarray]) -> None:
+        """Make the cut tensors that the kept nodes read the graph's inputs (the rest are dropped)."""
+        reads = {n for node in probe.graph.node for n in node.input} | {n for node in probe.graph.node for n in _subgraph_reads(node)}
+        kept = [v for v in probe.graph.input if v.name in reads and v.name not in sources]
+        given = []
+        for name, example in sources.items():
+            if name not in reads:
+                continue
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(example).dtype)
+            given.append(onnx.helper.make_tensor_value_info(name, elem, [None] * np.ndim(example)))
+        del probe.graph.input[:]
+        probe.graph.input.extend(kept + given)
+        self.feed_names = [v.name for v in probe.graph.input]
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            values = self.session.run(self.fetch, feeds) if self.fetch else []
+            given = feeds if self.feed_names is None else {n: feeds[n] for n in self.feed_names if n in feeds}
+            values = self.session.run(self.fetch, given) if self.fetch else []
         except Exception as e:  # noqa: BLE001
             raise UsageError(
                 f"ONNX Runtime failed to run the model on the calibration data: {first_line(e)}; "

@@ -17,7 +17,9 @@ Memory (``CalibrationConfig.memory_mb`` = B): one run's exposed activations (plu
 copy) stay below B / 4 (runs are split into fewer samples when the model's batch axis is dynamic),
 tiles below B / 4 over all layers, the cached correction samples below B / 4; the moments need
 ``8 * (C_in^2 + C_out^2) / g`` bytes per Conv on top, independent of the number of samples
-(``CalibrationData.memory`` reports all of it).
+(``CalibrationData.memory`` reports all of it). The correction then keeps the cut tensors of the
+compressed and the original network on the cached samples, below B / 4 each
+(:mod:`onnxfactor.calibration.correct`; its report's ``cuts``).
 
 Convs inside ``If``/``Loop``/``Scan`` bodies cannot be exposed as graph outputs; they keep the
 weight-only fit (``CalibrationData.notes`` says so).

@@ -217,7 +217,7 @@ CorrectionPasses = Annotated[
 ]
 CalibrationMemory = Annotated[
     float,
-    typer.Option("--calibration-memory", metavar="MB", help="Memory budget of the calibration statistics (see README).", min=16.0),
+    typer.Option("--calibration-memory", metavar="MB", help="Memory budget of the calibration statistics and correction (see README).", min=16.0),
 ]
 Finetune = Annotated[
     bool, typer.Option("--finetune", help="After compressing, distil the original into the compressed model on the --calibration "

@@ -392,3 +392,42 @@ def test_end_to_end_check_runs_the_held_out_rows_alone_when_the_batch_allows(bat
                       np.concatenate([run_ort(perturbed, {"x": c.feeds["x"][4:5]})[0] if batch == "dynamic"
                                       else run_ort(perturbed, c.feeds)[0][4:5] for c in chunks]))
     assert check.error(perturbed) == pytest.approx(expected, rel=1e-4) and expected > 0.05
+
+
+@pytest.mark.parametrize("case", ["residual", "fashion_vgg_wide"])
+def test_correction_from_the_cuts_equals_the_correction_from_the_inputs(monkeypatch, case):
+    """Each pass and check of the correction starts at the cut before its layers (calibration.segments):
+    the same chains, the same decisions and the same model as when every run starts at the inputs,
+    on a model with a skip, a concat and a second input read at the end, and on a bundled model;
+    the cuts did move (the saving is measured by tools/bench_calibration_cost.py)."""
+    from onnxfactor.calibration import correct as correct_module
+    from tests.unit.test_segments import _feeds as residual_feeds, residual_model
+
+    if case == "residual":
+        model, calib = residual_model(), residual_feeds(20, seed=3)
+        held = residual_feeds(4, seed=9)
+        config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=0.4), calibration=CalibrationConfig(samples=40, stages=0))
+    else:
+        model = onnx.load(MODELS / "fashion_vgg_wide.onnx")
+        x = np.load(CALIB)["input"]
+        calib, held = [{"input": x[i : i + 16]} for i in range(0, 128, 16)], [{"input": np.load(TEST)["input"][:64]}]
+        config = CompressConfig(ranks=RankConfig(policy="ratio", ratio=0.3), exclude=("/0/Conv",),
+                                calibration=CalibrationConfig(samples=128, stages=3))
+    real = correct_module.correct_chains
+    results = {}
+    for segments in (True, False):
+        monkeypatch.setattr(correct_module, "correct_chains", lambda *a, _s=segments, **k: real(*a, segments=_s, **k))
+        results[segments] = compress(model, config=config, calibration=calib)
+    (cut, cut_report), (full, full_report) = results[True], results[False]
+    moves = cut_report.calibration["correction"]["cuts"]
+    assert moves["compressed_moves"] >= 1 and moves["original_moves"] >= 1 and moves["check_moves"] >= 1
+    assert 0 < moves["peak_mb"] <= moves["budget_mb"] == 512.0
+    assert {k: v for k, v in full_report.calibration["correction"]["cuts"].items() if k.endswith("moves")} == {
+        "compressed_moves": 0, "original_moves": 0, "check_moves": 0}
+    a, b = cut_report.calibration["correction"]["end_to_end"], full_report.calibration["correction"]["end_to_end"]
+    assert a["reverted_layers"] == b["reverted_layers"] and a["checks"] == b["checks"]
+    assert a["held_out_error_after"] == pytest.approx(b["held_out_error_after"], rel=1e-4)
+    assert [l.correction["applied"] for l in cut_report.decomposed] == [l.correction["applied"] for l in full_report.decomposed]
+    for feeds in held:
+        assert rel_l2(run_ort(cut, feeds)[0], run_ort(full, feeds)[0]) < 1e-5
+    assert a["held_out_error_after"] < a["held_out_error_before"]
