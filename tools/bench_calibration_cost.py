@@ -10,6 +10,7 @@ layers, which would add the measured selection's own cost), and its timings are 
     python tools/bench_calibration_cost.py                   # nudenet 320n and PP-OCRv4 det, 256 inputs each
     python tools/bench_calibration_cost.py --models nudenet --count 64
     python tools/bench_calibration_cost.py --from-inputs     # every correction run from the inputs, as before the cuts
+    python tools/bench_calibration_cost.py --models nudenet --correction-passes 0   # one correction pass per layer
 
 ``--from-inputs`` runs the correction's passes and checks from the model's inputs
 (``correct_chains(segments=False)``) instead of from the cut before each pass
@@ -19,6 +20,7 @@ layers, which would add the measured selection's own cost), and its timings are 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -34,7 +36,7 @@ if str(ROOT) not in sys.path:
 LOADERS = {"nudenet": "nudenet", "ppocr_det": "ppocr_det"}
 
 
-def one(name: str, count: int, from_inputs: bool = False) -> dict:
+def one(name: str, count: int, from_inputs: bool = False, passes: int | None = None) -> dict:
     os.environ["ONNXFACTOR_CALIB_COUNT"] = str(count)
     from onnxfactor import CompressConfig, compress
     from onnxfactor.calibration import correct
@@ -53,12 +55,15 @@ def one(name: str, count: int, from_inputs: bool = False) -> dict:
     input_mb = sum(v.nbytes for f in feeds for v in f.values()) / 2**20
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    _, report = compress(path, config=CompressConfig(), calibration=feeds)
+    config = CompressConfig()
+    if passes is not None:
+        config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, stages=passes))
+    _, report = compress(path, config=config, calibration=feeds)
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tm = report.timings
     return {
-        "model": name, "from_inputs": from_inputs, "samples": report.calibration["samples"], "input_shape": list(next(iter(feeds[0].values())).shape),
+        "model": name, "from_inputs": from_inputs, "passes": report.calibration["correction"]["stages"], "samples": report.calibration["samples"], "input_shape": list(next(iter(feeds[0].values())).shape),
         "inputs_mb": round(input_mb, 1), "statistics_s": round(tm.get("calibration_statistics", 0), 1),
         "fit_s": round(tm.get("decompose", 0), 1), "correction_s": round(tm.get("correction", 0), 1),
         "total_s": round(wall, 1), "peak_rss_mb": round(peak), "rss_before_mb": round(base),
@@ -72,17 +77,19 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="nudenet,ppocr_det")
     p.add_argument("--count", type=int, default=256)
     p.add_argument("--from-inputs", action="store_true", help="run the correction from the model's inputs (the cost before the cuts)")
+    p.add_argument("--correction-passes", type=int, default=None, help="--correction-passes of compress (default 8; 0: one per layer)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_calibration_cost.json")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one, args.count, args.from_inputs)))
+        print(json.dumps(one(args.one, args.count, args.from_inputs, args.correction_passes)))
         return 0
     rows = []
     print("| model | inputs | input MB | statistics s | fit s | correction s | total s | peak RSS MB (before) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--count", str(args.count)] + ["--from-inputs"] * args.from_inputs,
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--count", str(args.count)] + ["--from-inputs"] * args.from_inputs
+                             + ([] if args.correction_passes is None else ["--correction-passes", str(args.correction_passes)]),
                              capture_output=True, text=True, check=True, cwd=ROOT)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
