@@ -20,6 +20,7 @@ prints the calibration cost (statistics, fit, correction) and peak RSS per model
     python tools/bench_clients_calibration.py                      # ~40 min
     python tools/bench_clients_calibration.py --settings error:0.1 --repeats 3
     python tools/bench_clients_calibration.py --only nudenet --settings error:0.05 --round-to 8
+    python tools/bench_clients_calibration.py --only nudenet --settings error:0.05,error:0.07 --correction-passes 0
     python tools/bench_clients_calibration.py --settings error:0.1,error:0.15 --finetune 3   # + distillation
 
 ``--finetune EPOCHS`` distils each original into its compressed model on the same calibration
@@ -64,14 +65,14 @@ def rank_config(setting: str, round_to: int):
     return RankConfig(policy="ratio", ratio=float(value), round_to=round_to)
 
 
-def config_for(name: str, setting: str | None = None, round_to: int = 1, reconstruct: int = 0):
+def config_for(name: str, setting: str | None = None, round_to: int = 1, reconstruct: int = 0, passes: int = 8):
     from onnxfactor import CompressConfig, LatencyConfig
     from onnxfactor.config import CalibrationConfig
 
     _, samples, correction_samples = CALIBRATION[name]
     ranks = rank_config(setting, round_to) if setting else None
     config = CompressConfig(latency=LatencyConfig(),
-                            calibration=CalibrationConfig(samples=samples, correction_samples=correction_samples, stages=8,
+                            calibration=CalibrationConfig(samples=samples, correction_samples=correction_samples, stages=passes,
                                                           reconstruct_steps=reconstruct))
     return config if ranks is None else CompressConfig(ranks=ranks, latency=config.latency, calibration=config.calibration)
 
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--reconstruct", type=int, default=0, help="--reconstruct STEPS of every compression (PyTorch)")
     p.add_argument("--finetune", type=float, default=0.0, metavar="EPOCHS", help="fine-tune every compressed model (PyTorch)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-3 diverged on NudeNet)")
+    p.add_argument("--correction-passes", type=int, default=8, help="--correction-passes of every compression (0: one per layer)")
     p.add_argument("--only", default="ocr,nudenet", help="engines to run: ocr (PP-OCRv4 det + rec), nudenet")
     p.add_argument("--workdir", type=Path, default=ROOT / "out" / "clients_calibration")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_clients_calibration.json")
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
         for name in names:
             paths[name] = work / f"{name}.onnx"
             t = time.perf_counter()
-            config = config_for(name, setting, args.round_to, args.reconstruct)
+            config = config_for(name, setting, args.round_to, args.reconstruct, args.correction_passes)
             if args.finetune > 0:  # compress() takes the statistics and the raw inputs for the distillation
                 import onnx
 
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
         ocr = (clients.ocr_compare(originals["det"], paths["det"], originals["rec"], paths["rec"], ocr_images, repeats=args.repeats)
                if "ocr" in engines else none)
         det = clients.detector_compare(originals["nudenet"], paths["nudenet"], det_images, repeats=args.repeats) if "nudenet" in engines else none
-        row = {"setting": setting, "reconstruct": args.reconstruct, "finetune_epochs": args.finetune,
+        row = {"setting": setting, "correction_passes": args.correction_passes, "reconstruct": args.reconstruct, "finetune_epochs": args.finetune,
                "finetune": {n: r.finetune for n, r in reports.items()},
                "models": {n: {"conv_macs_ratio": r.totals.conv_macs_ratio, "decomposed": len(r.decomposed), "layers": len(r.layers),
                               "timings": r.timings} for n, r in reports.items()},
