@@ -15,17 +15,16 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxfactor import io as model_io
-from onnxfactor.analysis import ConvSite, SkippedNode, count_params, find_conv_sites, infer_shapes, name_unnamed_nodes, record_shapes
-from onnxfactor.batchnorm import batchnorm_note, fold_batch_norms
+from onnxfactor.analysis import count_params, find_conv_sites, name_unnamed_nodes
 from onnxfactor.checks import check_written_model
 from onnxfactor.config import FIT_CHOICES, CompressConfig
-from onnxfactor.data.shapes import shape_sources, with_data_shapes
+from onnxfactor.data.shapes import shape_sources
 from onnxfactor.decompose import LayerDecomposer
-from onnxfactor.errors import NothingToCompress, UsageError, ValidationFailed
+from onnxfactor.errors import UsageError, ValidationFailed
 from onnxfactor.io import check_output_path
 from onnxfactor.linear import LinearSite, decompose_linear, find_linear_sites
 from onnxfactor.linear import share_key as linear_share_key
-from onnxfactor.ranks.policies import load_rank_file
+from onnxfactor.prepare import Prepared, copy_model, load_explicit, model_opset, prepare, runnable
 from onnxfactor.report import CompressReport, Totals
 from onnxfactor.rewrite import Rewriter, export_model
 from onnxfactor.speed import Candidate, measured_selection, time_options
@@ -47,79 +46,6 @@ class CompressResult:
 
     def __iter__(self):  # allows ``model, report = compress(...)``
         return iter((self.model, self.report))
-
-
-@dataclass
-class _Prepared:
-    loaded: model_io.LoadedModel
-    graph: gs.Graph
-    sites: list[ConvSite]
-    skipped: list[SkippedNode]
-    input_shapes: dict
-    shapes: dict
-    run_error: Exception | None = None  # the model does not run at input_shapes (validation.dims)
-    linear_sites: list[LinearSite] = dataclasses.field(default_factory=list)  # include_linear: Gemm / MatMul sites
-    linear: list[Candidate] = dataclasses.field(default_factory=list)  # their chains, applied by every _build
-
-
-def _prepare(source, input_shapes: dict | None, include_linear: bool = False, data=(), fold_batchnorm: bool = False) -> _Prepared:
-    """Load and analyse ``source``; ``data`` (``(data, images, role)`` triples) may fix its dynamic dims
-    (:func:`onnxfactor.data.shapes.with_data_shapes`); ``fold_batchnorm``: :mod:`onnxfactor.batchnorm`."""
-    from onnxfactor.validation.dims import fit_dynamic_dims
-    from onnxfactor.validation.inputs import resolve_input_shapes
-
-    loaded = model_io.load_model(source)
-    if fold_batchnorm:
-        loaded.normalised.extend(batchnorm_note(fold_batch_norms(loaded.model)))
-    input_shapes, note = with_data_shapes(loaded.model, input_shapes, data)
-    loaded.normalised.extend([note] if note else [])
-    resolved = resolve_input_shapes(loaded.model, input_shapes or {})
-    runnable = _runnable(loaded)
-    run_error = None
-    try:
-        resolved, notes = fit_dynamic_dims(runnable, resolved, input_shapes)
-        loaded.normalised.extend(notes)
-    except UsageError as e:  # raised where a run at these shapes is needed
-        run_error = e
-    shapes = infer_shapes(loaded.model, resolved)
-    graph = gs.import_onnx(loaded.model)
-    name_unnamed_nodes(graph)
-    sites, skipped = find_conv_sites(graph, shapes)
-    linear, linear_skipped = find_linear_sites(graph, shapes) if include_linear else ([], [])
-    skipped += linear_skipped
-    unknown = [s for s in sites if s.graph_path == "" and (s.in_spatial is None or s.out_spatial is None)]
-    unknown += [s for s in linear if s.graph_path == "" and not s.shapes_known]
-    if unknown:
-        names = [t for s in unknown for t in (s.node.inputs[0].name, s.node.outputs[0].name)]
-        recorded = record_shapes(loaded.model, loaded.ir_version, resolved, names)
-        for site in unknown:
-            site.input_shape = recorded.get(site.node.inputs[0].name, site.input_shape)
-            site.output_shape = recorded.get(site.node.outputs[0].name, site.output_shape)
-    if not sites and not linear and not skipped:
-        what = "Conv, Gemm or MatMul" if include_linear else "Conv"
-        raise NothingToCompress(f"the model has no {what} node: nothing to compress")
-    if not sites and not linear:
-        listed = "; ".join(f"{s.graph_path}{s.name} ({s.op_type}): {s.reason}" for s in skipped[:3])
-        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        raise NothingToCompress(f"no Conv of the model can be decomposed, {len(skipped)} conv-like nodes are not candidates: {listed}{more}")
-    return _Prepared(loaded, graph, sites, skipped, resolved, shapes, run_error, linear)
-
-
-def _opset(prep: _Prepared) -> int | None:
-    """The model's default-domain opset (the micro models of the timings use it)."""
-    return next((o.version for o in prep.loaded.model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _load_explicit(config: CompressConfig, sites: list[ConvSite], linear: list[LinearSite] = ()) -> dict | None:
-    if config.ranks.policy != "file":
-        return None
-    if config.ranks.rank_file is None:
-        from onnxfactor.errors import UsageError
-
-        raise UsageError("rank policy 'file' needs a rank file (--rank-file ranks.json)")
-    known = {s.name: (s.geometry.is_pointwise, s.out_per_group, s.in_per_group) for s in sites}
-    known.update({s.name: (True, s.out_features, s.in_features) for s in linear})  # a matrix: {"rank": R}
-    return load_rank_file(config.ranks.rank_file, known, method=config.method)
 
 
 def compress(
@@ -157,23 +83,23 @@ def compress(
     config = config or CompressConfig()
     timings = {}
     t0 = time.perf_counter()
-    prep = _prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images, held_out),
+    prep = prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images, held_out),
                     fold_batchnorm=config.fold_batchnorm)
-    explicit = _load_explicit(config, prep.sites, prep.linear_sites)
+    explicit = load_explicit(config, prep.sites, prep.linear_sites)
     timings["load_and_analyse"] = time.perf_counter() - t0
     fallback = teacher = None
     if finetune is not None:
         from onnxfactor.finetune import stage as finetune_stage
 
         finetune_data = calibration if finetune_data is None else finetune_data
-        config, fallback = finetune_stage.preflight(_runnable(prep.loaded), config, finetune_data)
+        config, fallback = finetune_stage.preflight(runnable(prep.loaded), config, finetune_data)
         if fallback is None and finetune.stage_size:
             from onnxfactor.finetune.iterative import compress_iterative
 
             return compress_iterative(model, config=config, finetune=finetune, stage_size=finetune.stage_size, calibration=calibration,
                                       finetune_data=finetune_data, images=images, input_shapes=prep.input_shapes, held_out=held_out,
                                       progress=progress, timer=timer)
-        teacher = _copy(_runnable(prep.loaded))  # the final build rewrites prep's model in place
+        teacher = copy_model(runnable(prep.loaded))  # the final build rewrites prep's model in place
     reconstruct = _reconstructor(config) if calibration is not None else None  # a missing torch fails fast
     calib = _calibrate(prep, config, explicit, calibration, images, progress)
     if calib is not None:
@@ -192,7 +118,7 @@ def compress(
             progress(index + 1, len(prep.sites), site.name)
     if prep.linear_sites:  # include_linear: Gemm / MatMul layers, by onnxfactor.linear
         linear_layers, prep.linear = decompose_linear(prep.linear_sites, config, explicit, calibration=calibration, images=images,
-                                                      model=_runnable(prep.loaded) if calibration is not None else None,
+                                                      model=runnable(prep.loaded) if calibration is not None else None,
                                                       progress=progress)
         layers += linear_layers
     timings["decompose"] = time.perf_counter() - t1
@@ -205,7 +131,7 @@ def compress(
         if prep.run_error is not None:
             raise prep.run_error
         out, speed = measured_selection(
-            _runnable(prep.loaded), prep.input_shapes, decomposer, candidates, prep.linear, config.latency, timer, opset=_opset(prep),
+            runnable(prep.loaded), prep.input_shapes, decomposer, candidates, prep.linear, config.latency, timer, opset=model_opset(prep),
             build=lambda: _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters), progress=progress)
         timings["latency"] = time.perf_counter() - t
     correction = None
@@ -263,11 +189,11 @@ def calibrate(
     (``nodes`` / ``exclude``) and the calibration options.
     """
     config = config or CompressConfig()
-    prep = _prepare(model, input_shapes, data=shape_sources(calibration, images), fold_batchnorm=config.fold_batchnorm)
-    return _calibrate(prep, config, _load_explicit(config, prep.sites), calibration, images, progress)
+    prep = prepare(model, input_shapes, data=shape_sources(calibration, images), fold_batchnorm=config.fold_batchnorm)
+    return _calibrate(prep, config, load_explicit(config, prep.sites), calibration, images, progress)
 
 
-def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, images, progress):
+def _calibrate(prep: Prepared, config: CompressConfig, explicit, calibration, images, progress):
     """Statistics of the selected main-graph Convs on the calibration data (None without data)."""
     from onnxfactor.calibration import CalibrationData
 
@@ -283,17 +209,12 @@ def _calibrate(prep: _Prepared, config: CompressConfig, explicit, calibration, i
         raise UsageError(f"unknown fit {cal.fit!r}; choose one of {', '.join(FIT_CHOICES)} (--fit)")
     source = open_source(calibration, prep.loaded.model, images=images, max_samples=cal.samples,
                          batch_size=cal.batch_size, role="calibration")
-    runnable = _runnable(prep.loaded)
+    model = runnable(prep.loaded)
     sites = [s for s in prep.sites if selection_reason(s, config, explicit) is None]
     report = (lambda done, total, label: progress(done, total or 0, label)) if progress is not None else None
-    stats = collect_statistics(runnable, sites, source, cal, providers=resolve_providers(cal.provider), progress=report)
+    stats = collect_statistics(model, sites, source, cal, providers=resolve_providers(cal.provider), progress=report)
     stats.fold_batchnorm = config.fold_batchnorm
     return stats
-
-
-def _runnable(loaded: model_io.LoadedModel) -> onnx.ModelProto:
-    """The normalised model as ONNX Runtime runs it (IR < 4: initializers listed as inputs again)."""
-    return loaded.model if loaded.ir_version >= 4 else model_io.restore_conventions(_copy(loaded.model), loaded.ir_version)
 
 
 def _reconstructor(config: CompressConfig):
@@ -305,14 +226,14 @@ def _reconstructor(config: CompressConfig):
     return Reconstructor(config.calibration)
 
 
-def _correct(prep: _Prepared, candidates: list[Candidate], calib, config: CompressConfig, reconstruct, progress):
+def _correct(prep: Prepared, candidates: list[Candidate], calib, config: CompressConfig, reconstruct, progress):
     from onnxfactor.calibration.correct import correct_chains
     from onnxfactor.validation import resolve_providers
 
     def build():
         return _build(prep, candidates, in_place=False, hooi_iters=config.hooi_iters)
 
-    original = _runnable(prep.loaded)
+    original = runnable(prep.loaded)
     return correct_chains(candidates, build, original, calib, config.calibration,
                           providers=resolve_providers(config.calibration.provider), reconstruct=reconstruct, progress=progress)
 
@@ -327,7 +248,7 @@ def _apply(rewriter: Rewriter, candidate: Candidate, hooi_iters: int) -> list[st
     return rewriter.replace(site, chain, share_key)
 
 
-def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi_iters: int) -> onnx.ModelProto:
+def _build(prep: Prepared, candidates: list[Candidate], *, in_place: bool, hooi_iters: int) -> onnx.ModelProto:
     """The model with every candidate's ``chain`` (and every linear one's, ``prep.linear``) applied
     (``None``: kept); marks the report rows.
 
@@ -337,7 +258,7 @@ def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi
     if in_place:
         graph, base, sites = prep.graph, prep.loaded.model, None
     else:  # the same sites, found again in the copy
-        base = _copy(prep.loaded.model)
+        base = copy_model(prep.loaded.model)
         graph = gs.import_onnx(base)
         name_unnamed_nodes(graph)
         sites = {(s.graph_path, s.name): s for s in find_conv_sites(graph, prep.shapes)[0]}
@@ -354,12 +275,6 @@ def _build(prep: _Prepared, candidates: list[Candidate], *, in_place: bool, hooi
         c.layer.status = "decomposed"
     out = export_model(graph, base)
     return model_io.restore_conventions(out, prep.loaded.ir_version)
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
 
 
 def analyze(
@@ -379,21 +294,21 @@ def analyze(
     timed against its chain (``LayerReport.latency``), as the measured selection of ``compress``.
     """
     config = config or CompressConfig()
-    prep = _prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images),
+    prep = prepare(model, input_shapes, include_linear=config.include_linear, data=shape_sources(calibration, images),
                     fold_batchnorm=config.fold_batchnorm)
-    explicit = _load_explicit(config, prep.sites, prep.linear_sites)
+    explicit = load_explicit(config, prep.sites, prep.linear_sites)
     calib = _calibrate(prep, config, explicit, calibration, images, None)
     decomposer = LayerDecomposer(config, explicit, prep.sites, calib)
     layers = []
     for site in prep.sites:
         layer, options = decomposer.run(site)
         if timer is not None and options and layer.reason is None:
-            timings = time_options(timer, site, options[:1], opset=_opset(prep))
+            timings = time_options(timer, site, options[:1], opset=model_opset(prep))
             layer.latency = {"note": timings} if isinstance(timings, str) else timings[0].to_dict()
         layers.append(layer)
     if prep.linear_sites:
         layers += decompose_linear(prep.linear_sites, config, explicit, calibration=calibration, images=images,
-                                   model=_runnable(prep.loaded) if calibration is not None else None)[0]
+                                   model=runnable(prep.loaded) if calibration is not None else None)[0]
     for layer in layers:
         if layer.reason is None and layer.params_after is not None:
             layer.status = "would decompose"

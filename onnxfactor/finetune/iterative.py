@@ -70,14 +70,15 @@ def compress_iterative(model, *, config: CompressConfig, finetune: FinetuneConfi
     """
     from onnxfactor.analysis import count_params
     from onnxfactor.finetune.stage import finetune_model
-    from onnxfactor.pipeline import CompressResult, _load_explicit, _prepare, _runnable, compress
+    from onnxfactor.pipeline import CompressResult, compress
+    from onnxfactor.prepare import load_explicit, prepare, runnable
     from onnxfactor.validation.run import validate
     from onnxfactor.report import Totals
 
     start = time.perf_counter()
-    prep = _prepare(model, input_shapes, include_linear=config.include_linear, fold_batchnorm=config.fold_batchnorm)
-    teacher = _runnable(prep.loaded)
-    explicit = _load_explicit(config, prep.sites, prep.linear_sites)
+    prep = prepare(model, input_shapes, include_linear=config.include_linear, fold_batchnorm=config.fold_batchnorm)
+    teacher = runnable(prep.loaded)
+    explicit = load_explicit(config, prep.sites, prep.linear_sites)
     selected = staged_layers(prep, config, explicit)
     if not selected:
         what = "Conv, Gemm or MatMul" if config.include_linear else "Conv"
