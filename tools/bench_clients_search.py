@@ -27,6 +27,7 @@ Runtime's two threads, as the engines run. The same search from the command line
 
     python tools/bench_clients_search.py                 # the three searches and the engines (~30 min)
     python tools/bench_clients_search.py --models nudenet
+    python tools/bench_clients_search.py --models nudenet --layer-timing --workdir out/clients_search_timed   # front by measured ms
     python tools/bench_clients_search.py --models nudenet --finetune-steps 64 --finetune-epochs 2   # + distillation
 
 ``--finetune-steps S``: every candidate is distilled from the original for S steps (batch 8, Adam
@@ -75,7 +76,8 @@ def run_search(name: str, args, work: Path) -> dict:
     config = SearchConfig(constraints=Constraints(min_agreement=agreement), objective="latency", strategy="allocate",
                           fractions=tuple(float(f) for f in args.fractions.split(",")), round_to=args.round_to,
                           jobs=1, cache=work / f"cache_{name}", max_evaluations=args.max_evaluations,
-                          latency_runs=args.latency_runs, threads=None)
+                          latency_runs=args.latency_runs, threads=None, layer_timing=args.layer_timing,
+                          timing_cache=work / f"timing_{name}.json" if args.layer_timing else None)
     base = CompressConfig(calibration=CalibrationConfig(samples=samples, correction_samples=correction, stages=8))
     held_out = ValidationOptions(data=selection, metric=TaskMetric(metric))
     brief = full = None
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-text", type=float, default=1.0, help="PP-OCR rec: selection lines read identically")
     p.add_argument("--min-regions", type=float, default=0.95, help="PP-OCR det: mean IoU of the binarised text maps")
     p.add_argument("--max-evaluations", type=int, default=8)
+    p.add_argument("--layer-timing", action="store_true", help="allocate by measured per-layer time instead of MACs")
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--finetune-steps", type=int, default=0, help="distil every candidate for this many steps (PyTorch)")
