@@ -77,7 +77,8 @@ def run_search(name: str, args, work: Path) -> dict:
                           fractions=tuple(float(f) for f in args.fractions.split(",")), round_to=args.round_to,
                           jobs=1, cache=work / f"cache_{name}", max_evaluations=args.max_evaluations,
                           latency_runs=args.latency_runs, threads=None, layer_timing=args.layer_timing,
-                          timing_cache=work / f"timing_{name}.json" if args.layer_timing else None)
+                          timing_cache=work / f"timing_{name}.json" if args.layer_timing else None,
+                          sensitivity=args.sensitivity)
     base = CompressConfig(calibration=CalibrationConfig(samples=samples, correction_samples=correction, stages=8))
     held_out = ValidationOptions(data=selection, metric=TaskMetric(metric))
     brief = full = None
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-regions", type=float, default=0.95, help="PP-OCR det: mean IoU of the binarised text maps")
     p.add_argument("--max-evaluations", type=int, default=8)
     p.add_argument("--layer-timing", action="store_true", help="allocate by measured per-layer time instead of MACs")
+    p.add_argument("--sensitivity", default="layer", choices=["layer", "network"], help="the allocation's per-option loss")
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--finetune-steps", type=int, default=0, help="distil every candidate for this many steps (PyTorch)")

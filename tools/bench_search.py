@@ -18,6 +18,7 @@ same allocation search with ``--jobs 1``, ``--jobs 2`` and on a local Ray instan
     python tools/bench_search.py --models "" --weight-cap 150   # light VGG-19, convs alone vs with FC layers
     python tools/bench_search.py --strategies allocate --layer-timing   # the front by measured layer time
     python tools/bench_search.py --strategies allocate --methods tucker2,cp3,tucker3   # a method per layer
+    python tools/bench_search.py --strategies allocate --sensitivity layer,network    # per-option loss: layer vs network output
 
 ``--weight-cap MB``: the onnx wheel's light VGG-19 with random structured weights
 (``tools/bench_compress.py``), calibration on 16 and selection on 8 *other* seeded random images
@@ -54,7 +55,7 @@ def halves(out: Path):
 
 
 def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: str | None = None, cache=None, round_to: int = 8,
-        layer_timing: bool = False, methods: tuple[str, ...] = ("tucker2",)):
+        layer_timing: bool = False, methods: tuple[str, ...] = ("tucker2",), sensitivity: str = "layer"):
     from onnxfactor.config import CalibrationConfig, CompressConfig
     from onnxfactor.validation.run import ValidationOptions
     from onnxfactor.search import Constraints, SearchConfig, search
@@ -63,7 +64,7 @@ def run(model: Path, select: Path, strategy: str, drop: float, jobs: int, ray: s
     base = CompressConfig(exclude=("/0/Conv",), calibration=CalibrationConfig())
     config = SearchConfig(constraints=Constraints(max_accuracy_drop=drop), strategy=strategy, jobs=jobs, ray_address=ray,
                           cache=cache, threads=1, latency_runs=30, round_to=round_to,
-                          layer_timing=layer_timing and strategy == "allocate", methods=methods)
+                          layer_timing=layer_timing and strategy == "allocate", methods=methods, sensitivity=sensitivity)
     t = time.perf_counter()
     result = search(model, CALIB, ValidationOptions(data=select), config=config, base=base)
     return result, time.perf_counter() - t, describe
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--strategies", default="grid,allocate")
     p.add_argument("--layer-timing", action="store_true", help="allocate by measured layer time (search --layer-timing)")
     p.add_argument("--weight-cap", type=float, default=None, metavar="MB", help="also light VGG-19 under --max-weight-mb MB")
+    p.add_argument("--sensitivity", default="layer", help="search --sensitivity; several (layer,network): one allocate search each")
     p.add_argument("--methods", default="tucker2", help="search --methods (several: a method per layer)")
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_search.json")
     args = p.parse_args(argv)
@@ -143,11 +145,13 @@ def main(argv=None) -> int:
         original = onnx.load(str(path))
         row = {"model": name, "original_accuracy_unseen": accuracy(original, x, y)}
         roundings = [int(r) for r in str(args.round_to).split(",")]
-        runs = [(s, r) for s in args.strategies.split(",") for r in (roundings if s == "allocate" else roundings[:1])]
-        for strategy, round_to in runs:
+        modes = args.sensitivity.split(",")
+        runs = [(s, r, m) for s in args.strategies.split(",") for r in (roundings if s == "allocate" else roundings[:1])
+                for m in (modes if s == "allocate" else modes[:1])]
+        for strategy, round_to, mode in runs:
             result, wall, describe = run(path, select, strategy, args.max_accuracy_drop, args.jobs,
                                          cache=ROOT / "out" / "search_cache" / name, round_to=round_to,
-                                         layer_timing=args.layer_timing, methods=methods)
+                                         layer_timing=args.layer_timing, methods=methods, sensitivity=mode)
             w = result.winner
             entry = {"wall_seconds": round(wall, 1), "candidates": len(result.candidates),
                      "feasible": sum(not c["violations"] for c in result.candidates), "winner": None}
@@ -157,6 +161,8 @@ def main(argv=None) -> int:
                                    "accuracy_selection_half": w["accuracy"], "accuracy_unseen": accuracy(model, x, y),
                                    "latency": speedups(original, model, x, args.runs)}
             label = strategy if len(roundings) == 1 or strategy != "allocate" else f"allocate round-to {round_to}"
+            if strategy == "allocate" and len(modes) > 1:
+                label += f" {mode} sensitivity"
             row[label] = entry
             won = entry["winner"]
             print(f"{name} {label:8s}: {entry['candidates']} candidates ({entry['feasible']} feasible) in {wall:.0f} s; "

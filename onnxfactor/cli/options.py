@@ -49,6 +49,11 @@ class StrategyName(str, Enum):
     grid = "grid"
 
 
+class SensitivityName(str, Enum):
+    layer = "layer"
+    network = "network"
+
+
 class ChannelOrderName(str, Enum):
     rgb = "rgb"
     bgr = "bgr"

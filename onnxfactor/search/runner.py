@@ -2,7 +2,9 @@
 
 ``strategy="allocate"`` (default):
 
-1. calibration statistics, once; per-layer sensitivity curves (:mod:`onnxfactor.search.space`);
+1. calibration statistics, once; per-layer sensitivity curves (:mod:`onnxfactor.search.space`;
+   with ``sensitivity="network"`` each option's loss measured end to end instead,
+   :mod:`onnxfactor.search.network`);
 2. the exact Pareto front of (cost, predicted loss) over per-layer choices (with several
    ``methods``, each layer's options of all of them: the allocation picks a method per layer)
    (:mod:`onnxfactor.search.allocate`), the cost being the objective's (MACs for ``latency`` and
@@ -43,6 +45,7 @@ from onnxfactor.search.executor import Cache, Executor, default_jobs
 from onnxfactor.search.space import FRACTIONS, MIXED, WEAKEN, grid_specs, layer_spec, sensitivity
 
 STRATEGIES = ("allocate", "grid")
+SENSITIVITIES = ("layer", "network")
 
 
 def rounding(config: "SearchConfig") -> int:
@@ -76,6 +79,8 @@ class SearchConfig:
     threads: int | None = None        # ORT threads per worker (None: cores // jobs)
     layer_timing: bool = False        # allocate by measured per-layer ms instead of MACs (objective latency)
     timing_cache: Path | None = None  # with layer_timing: the timing cache file (as compress --timing-cache)
+    sensitivity: str = "layer"        # allocate's per-option loss: "layer" output error, or "network" (search/network.py)
+    sensitivity_samples: int = 32     # with sensitivity "network": calibration samples each option is judged on
 
 
 @dataclass
@@ -90,6 +95,7 @@ class SearchResult:
     cache_hits: int = 0
     stopped: str | None = None  # why the search stopped early (time budget)
     statistics: object = None   # the CalibrationData (not in the JSON)
+    network_sensitivity: dict | None = None  # with sensitivity "network": options judged, samples, seconds
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -168,6 +174,7 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
     candidates: list[dict] = []
     sens_rows: list[dict] = []
     front_rows: list[dict] = []
+    network = None
     exact = True
     stopped = None
     try:
@@ -191,6 +198,14 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
                 from onnxfactor.errors import NothingToCompress
 
                 raise NothingToCompress("no Conv of the model would be decomposed at any rank fraction of the search")
+            if config.sensitivity == "network":
+                from onnxfactor.search.network import network_sensitivity
+
+                t = time.perf_counter()
+                network = network_sensitivity(curves_all, sens_rows, model, stats, base, methods=config.methods,
+                                              fractions=config.fractions, round_to=rounding(config), input_shapes=input_shapes,
+                                              samples=config.sensitivity_samples, progress=progress)
+                seconds["network_sensitivity"] = round(time.perf_counter() - t, 2)
             others = _fixed_costs(curves_all, totals)
             candidates, front_rows, exact, stopped = run_allocation(curves_all, others, executor, config, jobs, deadline, progress)
     finally:
@@ -198,7 +213,8 @@ def search(model, calibration, held_out, *, config: SearchConfig | None = None, 
             executor.close()
     seconds["total"] = round(time.perf_counter() - t0, 2)
     result = SearchResult(pick_winner(candidates, config.objective), candidates, sens_rows, front_rows, _config_dict(config), seconds, exact,
-                          getattr(getattr(executor, "cache", None), "hits", 0), stopped, stats)
+                          getattr(getattr(executor, "cache", None), "hits", 0), stopped, stats,
+                          network_sensitivity=network)
     return result
 
 
@@ -276,6 +292,10 @@ def _check(config: SearchConfig, held_out) -> None:
     check_constraints(config.constraints, labels=labels)
     if config.objective == "latency" and config.latency_runs < 1:
         raise UsageError("--objective latency needs measurements: --latency-runs >= 1")
+    if config.sensitivity not in SENSITIVITIES:
+        raise UsageError(f"unknown sensitivity {config.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)} (--sensitivity)")
+    if config.sensitivity_samples < 1:
+        raise UsageError("--sensitivity-samples must be at least 1")
     if config.layer_timing and (config.strategy != "allocate" or config.objective != "latency"):
         raise UsageError("--layer-timing orders the allocation by measured layer time: it needs --strategy allocate "
                          "and --objective latency")

@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 from onnxfactor.config import CalibrationConfig, CompressConfig
+from onnxfactor.errors import UsageError
 from onnxfactor.validation.run import ValidationOptions
 from onnxfactor.search import Constraints, SearchConfig, search
 from onnxfactor.search.evaluate import Context, config_for
@@ -214,3 +215,58 @@ def test_layer_timing_falls_back_to_macs_when_nothing_can_be_timed():
     curves, rows, _ = sensitivity(MODEL, stats, BASE, fractions=(0.5,), timer=Broken())
     assert rows and all(r["chain_ms"] is None for r in rows)
     assert all(o.costs["ms"] == pytest.approx(o.costs["macs"] * 1e-6) for opts in curves.values() for o in opts)
+
+
+def test_network_sensitivity_judges_each_option_with_that_layer_alone_decomposed():
+    """``--sensitivity network``: every option's loss is the network's squared worst output error with
+    only that layer's chain spliced into the original, on the statistics' first 32 kept samples; the figure
+    equals the error of a model compressed at that layer alone (same ranks, same fit), measured
+    independently; the splice reproduces that model's outputs."""
+    from onnxfactor import calibrate, compress
+    from onnxfactor.config import RankConfig
+    from onnxfactor.search.network import network_sensitivity, splice
+    from onnxfactor.search.space import sensitivity
+    from tests.conftest import rel_l2, run_ort
+
+    stats = calibrate(MODEL, CALIB, config=BASE)
+    curves, rows, _ = sensitivity(MODEL, stats, BASE, fractions=(0.3, 0.6))
+    layer_losses = {(o.layer, o.label): o.loss for opts in curves.values() for o in opts}
+    summary = network_sensitivity(curves, rows, MODEL, stats, BASE, methods=("tucker2",), fractions=(0.3, 0.6), round_to=1, samples=32)
+    assert summary["samples"] == 32 and summary["spliced"] == summary["options"] == len(rows) > 0 and not summary["unmeasured"]
+    assert all(r["network_error"] is not None and 0 < r["network_error"] < 2 for r in rows)
+    for name, options in curves.items():
+        assert options[0].setting is None and options[0].loss == 0.0
+        for o in options[1:]:
+            row = next(r for r in rows if r["layer"] == name and r["ranks"] == o.setting["ranks"])
+            assert o.loss == pytest.approx(row["network_error"] ** 2)
+    assert any(abs(o.loss - layer_losses[(o.layer, o.label)]) > 1e-3 for opts in curves.values() for o in opts[1:])
+    # independently: /7/Conv alone at ratio 0.3, no correction, on the same 32 calibration images
+    row = next(r for r in rows if r["layer"] == "/7/Conv" and r["fraction"] == 0.3)
+    config = dataclasses.replace(BASE, nodes=("/7/Conv",), ranks=RankConfig(policy="ratio", ratio=0.3), latency=None,
+                                 calibration=dataclasses.replace(BASE.calibration, correct=False))
+    alone, report = compress(MODEL, config=config, calibration=stats)
+    assert [l.ranks for l in report.decomposed] == [row["ranks"]]
+    x = {"input": np.concatenate([c.feeds["input"] for c in stats.cache])[:32]}  # the samples the statistics kept
+    original = onnx.load(MODEL)
+    assert rel_l2(run_ort(original, x)[0], run_ort(alone, x)[0]) == pytest.approx(row["network_error"], rel=1e-4)
+    everything, full_report = compress(MODEL, config=dataclasses.replace(config, nodes=()), calibration=stats)
+    layer = next(l for l in full_report.decomposed if l.name == "/7/Conv")
+    spliced, index = splice(original, everything, layer.new_nodes)
+    assert original.graph.node[index].op_type == "Conv" and original.graph.node[index].name == "/7/Conv"
+    onnx.checker.check_model(spliced)
+    assert rel_l2(run_ort(spliced, x)[0], run_ort(alone, x)[0]) < 1e-5
+
+
+def test_search_with_network_sensitivity_reports_it_and_refuses_an_unknown_mode(tmp_path, held_out):
+    config = SearchConfig(constraints=Constraints(max_accuracy_drop=2.0), sensitivity="network", sensitivity_samples=16,
+                          fractions=(0.3, 0.6), jobs=1, max_evaluations=2, latency_runs=1)
+    result = search(MODEL, CALIB, held_out, config=config, base=BASE)
+    assert result.network_sensitivity["samples"] == 16 and result.network_sensitivity["spliced"] > 0
+    assert result.config["sensitivity"] == "network" and "network_sensitivity" in result.seconds
+    assert all(r.get("network_error") is not None for r in result.sensitivity)
+    assert result.winner is not None and not result.winner["violations"]
+    common = ["--calibration", CALIB, "--data", held_out.data, "--min-agreement", "0.9", "--jobs", "1"]
+    proc = cli("search", MODEL, "o.onnx", *common, "--sensitivity", "task", cwd=tmp_path)  # typer's own choice check
+    assert proc.returncode == 2 and "'task' is not one of 'layer', 'network'" in proc.stderr
+    with pytest.raises(UsageError, match="--sensitivity"):
+        search(MODEL, CALIB, held_out, config=dataclasses.replace(config, sensitivity="task"), base=BASE)
