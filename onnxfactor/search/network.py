@@ -14,9 +14,11 @@ error. Only calibration samples are used (the held-out data stays for the candid
 Cost: one compression per (method, fraction) to get the chains (without correction or timing),
 then one ONNX Runtime session and one run per sample of the network *after* the layer for every
 option: the runs start at the cut before the layer (:mod:`onnxfactor.calibration.segments`, the
-original's cut tensors cached and moved forward layer by layer), so early layers pay for the whole
-network and late ones for a little of it. Options whose chain cannot be spliced back (a linear
-layer's, a Conv inside a subgraph) keep their layer-output loss (``network_error`` None).
+original's cut tensors cached and moved forward layer by layer, once per (method, fraction)), so
+early layers pay for the whole network and late ones for a little of it. One compressed model and
+one spliced copy are held at a time. Options whose chain cannot be spliced back (a linear layer's
+when it does not read its input first, a Conv inside a subgraph) keep their layer-output loss
+(``network_error`` None).
 """
 
 from __future__ import annotations
@@ -53,14 +55,9 @@ def chain_models(model, stats, base, *, methods, fractions, round_to: int, input
             yield method, f, built, report
 
 
-def splice(original: onnx.ModelProto, built: onnx.ModelProto, node_names: list[str]) -> tuple[onnx.ModelProto, int] | None:
-    """``original`` with the one node that ``built``'s chain ``node_names`` replaced swapped for that chain:
-    ``(model, index of the replaced node)``, or None when the chain does not map onto one node there.
-
-    The rewrite keeps the replaced node's output name and reads its input, so the chain's external
-    output and input identify the node. The chain's initializers come along from ``built`` (renamed
-    where ``original`` has a tensor of that name: a corrected bias must not overwrite a shared one).
-    """
+def _chain_ends(built: onnx.ModelProto, node_names: list[str]):
+    """``(chain nodes, their initializers, external input, external output)`` of ``built``'s chain
+    ``node_names``, or None unless it reads one tensor and writes one."""
     by_name = {n.name: n for n in built.graph.node}
     if not node_names or any(n not in by_name for n in node_names):
         return None
@@ -70,12 +67,33 @@ def splice(original: onnx.ModelProto, built: onnx.ModelProto, node_names: list[s
     read = [i for n in chain for i in n.input if i]
     outputs = [o for o in produced if o not in set(read)]
     inputs = [i for i in dict.fromkeys(read) if i not in produced and i not in weights]
+    if len(outputs) != 1 or len(inputs) != 1:
+        return None
+    return chain, weights, inputs[0], outputs[0]
+
+
+def replaced_node(original: onnx.ModelProto, built: onnx.ModelProto, node_names: list[str]) -> int | None:
+    """The index in ``original`` of the node that ``built``'s chain ``node_names`` replaced (the rewrite
+    keeps its output name and reads its input), or None when the chain maps onto no single node."""
+    ends = _chain_ends(built, node_names)
+    if ends is None:
+        return None
     producer = {o: k for k, n in enumerate(original.graph.node) for o in n.output}
-    if len(outputs) != 1 or outputs[0] not in producer or len(inputs) != 1:
+    index = producer.get(ends[3])
+    if index is None or not original.graph.node[index].input or original.graph.node[index].input[0] != ends[2]:
         return None
-    index = producer[outputs[0]]
-    if original.graph.node[index].input[0] != inputs[0]:
+    return index
+
+
+def splice(original: onnx.ModelProto, built: onnx.ModelProto, node_names: list[str]) -> tuple[onnx.ModelProto, int] | None:
+    """``original`` with the one node that ``built``'s chain ``node_names`` replaced swapped for that chain:
+    ``(model, index of the replaced node)``, or None when the chain does not map onto one node there
+    (:func:`replaced_node`). The chain's initializers come along from ``built`` (renamed where
+    ``original`` has a tensor of that name: a corrected bias must not overwrite a shared one)."""
+    index = replaced_node(original, built, node_names)
+    if index is None:
         return None
+    chain, weights, _, _ = _chain_ends(built, node_names)
     out = onnx.ModelProto()
     out.CopyFrom(original)
     present = {t.name for t in out.graph.initializer} | {v.name for v in out.graph.input}
@@ -135,26 +153,27 @@ def network_sensitivity(curves: dict[str, list[Option]], rows: list[dict], model
     reference = Probe(original, names, providers, spinning=False)
     targets = [reference.run(f) for f in feeds]
     wanted = {option_key(o.layer, o.setting["method"], o.setting["ranks"]) for opts in curves.values() for o in opts if o.setting}
-    jobs = []  # (cut index, key, spliced model)
+    budget = base.calibration.memory_mb * (1 << 20) / 4
+    errors: dict[tuple, float] = {}
+    # one (method, fraction) model at a time, its layers in graph order, each spliced model built,
+    # run from the original's cut before its layer and dropped: memory for one copy of each
     for method, _, built, report in chain_models(model, stats, base, methods=methods, fractions=fractions, round_to=round_to,
                                                  input_shapes=input_shapes):
+        jobs = []
         for layer in report.decomposed:
             key = option_key(layer.name, method, layer.ranks)
-            if key not in wanted or any(key == k for _, k, _ in jobs):
-                continue
-            spliced = splice(original, built, layer.new_nodes)
-            if spliced is not None:
-                jobs.append((spliced[1], key, spliced[0]))
-    jobs.sort(key=lambda j: j[0])
-    front = Frontier(feeds, base.calibration.memory_mb * (1 << 20) / 4)
-    errors: dict[tuple, float] = {}
-    for done, (index, key, spliced) in enumerate(jobs, 1):
-        front.advance(original, index, providers)
-        outputs = list(front.run(spliced, names, providers))
-        results = compare_outputs(targets, outputs)
-        errors[key] = float(max(r.rel_l2 for r in results)) if results else float("inf")
-        if progress is not None:
-            progress(done, len(jobs), "network sensitivity")
+            index = replaced_node(original, built, layer.new_nodes) if key in wanted and key not in errors else None
+            if index is not None:
+                jobs.append((index, key, layer.new_nodes))
+        front = Frontier(feeds, budget)
+        for index, key, node_names in sorted(jobs, key=lambda j: j[0]):
+            front.advance(original, index, providers)
+            spliced, _ = splice(original, built, node_names)
+            results = compare_outputs(targets, list(front.run(spliced, names, providers)))
+            errors[key] = float(max(r.rel_l2 for r in results)) if results else float("inf")
+            if progress is not None:
+                progress(len(errors), len(wanted), "network sensitivity")
+        del built
     for name, options in curves.items():
         rescored = []
         for o in options:
