@@ -321,7 +321,7 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
     initializers = _Initializers(model)
     held_out = _holdout_samples(calibration)
     budget = config.memory_mb * (1 << 20) / 4 if segments else 0.0
-    check = _EndToEnd(original, calibration, held_out, providers, budget / 5)
+    check = _EndToEnd(original, calibration, held_out, providers, budget)
     judge = _Judge(check, model, initializers, nodes)
     before = judge.current
     stage_errors = []
@@ -329,15 +329,17 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
     summary["stages"] = len(stages)
     rng = np.random.default_rng(config.seed)
     feeds = [chunk.feeds for chunk in calibration.cache]
-    fronts = (Frontier(feeds, budget * 4 / 5), Frontier(feeds, budget))  # the compressed network's, the original's
+    fronts = (Frontier(feeds, budget), Frontier(feeds, budget))  # the compressed network's, the original's
     cuts = _cuts(model, original, active, stages, nodes, calibration)
     cut_bytes = 0
     for number, stage in enumerate(stages):
         group = [active[i] for i in stage]
         t = time.perf_counter()
-        fronts[0].advance(model, cuts[number][0], providers)  # the earlier passes are final now
+        # the earlier passes are final now; the checks' cut first (they run most often), then the
+        # compressed network's in what is left of the same quarter, the original's in a quarter of its own
+        check.advance(model, cuts[number][0], budget - fronts[0].nbytes)
+        fronts[0].advance(model, cuts[number][0], providers, budget - check.front.nbytes)
         fronts[1].advance(original, cuts[number][1], providers)
-        check.advance(model, cuts[number][0])
         cut_bytes = max(cut_bytes, fronts[0].nbytes + fronts[1].nbytes + check.front.nbytes)
         correctable = [c for c in group if config.correct]
         inputs = pass_model(model, original, group, nodes, calibration) if len(group) > 1 else model
@@ -460,9 +462,10 @@ class _EndToEnd:
             self.samples += int(rows.sum())
         self.front = Frontier([feeds for feeds, _, _ in self.chunks], budget)
 
-    def advance(self, model: onnx.ModelProto, position: int) -> None:
-        """Start the checks at the cut before node ``position`` of ``model`` (all before it is final)."""
-        self.front.advance(model, position, self.providers)
+    def advance(self, model: onnx.ModelProto, position: int, budget: float | None = None) -> None:
+        """Start the checks at the cut before node ``position`` of ``model`` (all before it is final),
+        within ``budget`` bytes (default: the frontier's own)."""
+        self.front.advance(model, position, self.providers, budget)
 
     @staticmethod
     def _held_only(reference: Probe, feeds: dict, rows: np.ndarray):

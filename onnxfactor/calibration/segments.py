@@ -74,8 +74,9 @@ class Frontier:
         for values in self.values:
             yield probe.run(values)
 
-    def advance(self, model: onnx.ModelProto, position: int, providers: list[str]) -> bool:
-        """Move to the cut before node ``position`` of ``model``; False when it stays where it is."""
+    def advance(self, model: onnx.ModelProto, position: int, providers: list[str], budget: float | None = None) -> bool:
+        """Move to the cut before node ``position`` of ``model``; False when it stays where it is.
+        ``budget`` (bytes) replaces the frontier's own for this move."""
         names = crossing(model.graph, position)
         if not self.values or not names:
             return False
@@ -85,7 +86,7 @@ class Frontier:
         first = probe.run(self.values[0])
         if not all(isinstance(first[n], np.ndarray) for n in names):
             return False
-        if sum(first[n].nbytes for n in names) * len(self.values) > self.budget:
+        if sum(first[n].nbytes for n in names) * len(self.values) > (self.budget if budget is None else budget):
             return False
         self.values[0] = {n: first[n] for n in names}
         for i in range(1, len(self.values)):
