@@ -31,7 +31,8 @@ import onnx
 
 from onnxfactor.search.allocate import Option
 
-#: calibration samples on which each option is judged (``--sensitivity-samples``)
+#: calibration samples on which each option is judged (``--sensitivity-samples``: the first of the
+#: statistics' cached batches that hold at least this many; the summary gives the count)
 SAMPLES = 32
 
 
