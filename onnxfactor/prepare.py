@@ -92,8 +92,6 @@ def load_explicit(config: CompressConfig, sites: list[ConvSite], linear: list[Li
     if config.ranks.policy != "file":
         return None
     if config.ranks.rank_file is None:
-        from onnxfactor.errors import UsageError
-
         raise UsageError("rank policy 'file' needs a rank file (--rank-file ranks.json)")
     known = {s.name: (s.geometry.is_pointwise, s.out_per_group, s.in_per_group) for s in sites}
     known.update({s.name: (True, s.out_features, s.in_features) for s in linear})  # a matrix: {"rank": R}

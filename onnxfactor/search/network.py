@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -56,60 +57,65 @@ def chain_models(model, stats, base, *, methods, fractions, round_to: int, input
             yield method, f, built, report
 
 
-def _chain_ends(built: onnx.ModelProto, node_names: list[str]):
-    """``(chain nodes, their initializers, external input, external output)`` of ``built``'s chain
-    ``node_names``, or None unless it reads one tensor and writes one."""
+@dataclass(frozen=True)
+class _Chain:
+    """One chain of a compressed model: its nodes, the initializers they read, the one tensor they
+    read (the replaced node's input) and the one they write (its output)."""
+
+    nodes: list
+    weights: dict
+    input: str
+    output: str
+
+
+def _chains(built: onnx.ModelProto, layers) -> dict:
+    """Layer name -> :class:`_Chain` for every report row in ``layers`` whose chain reads one tensor
+    and writes one (the maps of ``built`` made once, not per layer)."""
     by_name = {n.name: n for n in built.graph.node}
-    if not node_names or any(n not in by_name for n in node_names):
-        return None
-    chain = [by_name[n] for n in node_names]
     weights = {t.name: t for t in built.graph.initializer}
-    produced = {o for n in chain for o in n.output if o}
-    read = [i for n in chain for i in n.input if i]
-    outputs = [o for o in produced if o not in set(read)]
-    inputs = [i for i in dict.fromkeys(read) if i not in produced and i not in weights]
-    if len(outputs) != 1 or len(inputs) != 1:
-        return None
-    return chain, weights, inputs[0], outputs[0]
+    out = {}
+    for layer in layers:
+        if not layer.new_nodes or any(n not in by_name for n in layer.new_nodes):
+            continue
+        nodes = [by_name[n] for n in layer.new_nodes]
+        produced = {o for n in nodes for o in n.output if o}
+        read = [i for n in nodes for i in n.input if i]
+        outputs = [o for o in produced if o not in set(read)]
+        inputs = [i for i in dict.fromkeys(read) if i not in produced and i not in weights]
+        if len(outputs) == 1 and len(inputs) == 1:
+            out[layer.name] = _Chain(nodes, {i: weights[i] for i in read if i in weights}, inputs[0], outputs[0])
+    return out
 
 
-def replaced_node(original: onnx.ModelProto, built: onnx.ModelProto, node_names: list[str]) -> int | None:
-    """The index in ``original`` of the node that ``built``'s chain ``node_names`` replaced (the rewrite
-    keeps its output name and reads its input), or None when the chain maps onto no single node."""
-    ends = _chain_ends(built, node_names)
-    if ends is None:
-        return None
-    producer = {o: k for k, n in enumerate(original.graph.node) for o in n.output}
-    index = producer.get(ends[3])
-    if index is None or not original.graph.node[index].input or original.graph.node[index].input[0] != ends[2]:
+def _replaced(producer: dict, original: onnx.ModelProto, chain: _Chain) -> int | None:
+    """The index in ``original`` (``producer``: tensor -> node index) of the node ``chain`` replaced:
+    the rewrite keeps its output name and reads its input; None when no single node matches."""
+    index = producer.get(chain.output)
+    if index is None or not original.graph.node[index].input or original.graph.node[index].input[0] != chain.input:
         return None
     return index
 
 
-def splice(original: onnx.ModelProto, built: onnx.ModelProto, node_names: list[str]) -> tuple[onnx.ModelProto, int] | None:
-    """``original`` with the one node that ``built``'s chain ``node_names`` replaced swapped for that chain:
-    ``(model, index of the replaced node)``, or None when the chain does not map onto one node there
-    (:func:`replaced_node`). The chain's initializers come along from ``built`` (renamed where
-    ``original`` has a tensor of that name: a corrected bias must not overwrite a shared one)."""
-    index = replaced_node(original, built, node_names)
-    if index is None:
-        return None
-    chain, weights, _, _ = _chain_ends(built, node_names)
-    out = onnx.ModelProto()
-    out.CopyFrom(original)
+def _spliced(original: onnx.ModelProto, chain: _Chain, index: int) -> onnx.ModelProto:
+    """``original`` with node ``index`` swapped for ``chain``; the chain's initializers come along
+    (renamed where ``original`` has a tensor of that name: a corrected bias must not overwrite a
+    shared one)."""
+    from onnxfactor.prepare import copy_model
+
+    out = copy_model(original)
     present = {t.name for t in out.graph.initializer} | {v.name for v in out.graph.input}
     rename = {}
-    for name in dict.fromkeys(i for n in chain for i in n.input if i in weights):
+    for name, weight in chain.weights.items():
         new = name if name not in present else f"{name}/onnxfactor_sensitivity"
         rename[name] = new
         tensor = onnx.TensorProto()
-        tensor.CopyFrom(weights[name])
+        tensor.CopyFrom(weight)
         tensor.name = new
         out.graph.initializer.append(tensor)
         if out.ir_version < 4:  # initializers are graph inputs there
             out.graph.input.append(onnx.helper.make_tensor_value_info(new, tensor.data_type, list(tensor.dims)))
     nodes = []
-    for n in chain:
+    for n in chain.nodes:
         copy = onnx.NodeProto()
         copy.CopyFrom(n)
         for k, name in enumerate(copy.input):
@@ -119,7 +125,17 @@ def splice(original: onnx.ModelProto, built: onnx.ModelProto, node_names: list[s
     kept = list(out.graph.node)
     del out.graph.node[:]
     out.graph.node.extend(kept[:index] + nodes + kept[index + 1:])
-    return out, index
+    return out
+
+
+def splice(original: onnx.ModelProto, built: onnx.ModelProto, layer) -> tuple[onnx.ModelProto, int] | None:
+    """``original`` with the one node that ``built``'s chain of report row ``layer`` replaced swapped
+    for that chain: ``(model, index of the replaced node)``, or None when the chain does not map
+    onto one node there."""
+    chain = _chains(built, [layer]).get(layer.name)
+    producer = {o: k for k, n in enumerate(original.graph.node) for o in n.output}
+    index = None if chain is None else _replaced(producer, original, chain)
+    return None if index is None else (_spliced(original, chain, index), index)
 
 
 def _loss(error: float) -> float:
@@ -158,19 +174,20 @@ def network_sensitivity(curves: dict[str, list[Option]], rows: list[dict], model
     errors: dict[tuple, float] = {}
     # one (method, fraction) model at a time, its layers in graph order, each spliced model built,
     # run from the original's cut before its layer and dropped: memory for one copy of each
+    producer = {o: k for k, n in enumerate(original.graph.node) for o in n.output}
     for method, _, built, report in chain_models(model, stats, base, methods=methods, fractions=fractions, round_to=round_to,
                                                  input_shapes=input_shapes):
+        keys = {layer.name: option_key(layer.name, method, layer.ranks) for layer in report.decomposed}
+        todo = [layer for layer in report.decomposed if keys[layer.name] in wanted and keys[layer.name] not in errors]
         jobs = []
-        for layer in report.decomposed:
-            key = option_key(layer.name, method, layer.ranks)
-            index = replaced_node(original, built, layer.new_nodes) if key in wanted and key not in errors else None
+        for name, chain in _chains(built, todo).items():
+            index = _replaced(producer, original, chain)
             if index is not None:
-                jobs.append((index, key, layer.new_nodes))
+                jobs.append((index, keys[name], chain))
         front = Frontier(feeds, budget)
-        for index, key, node_names in sorted(jobs, key=lambda j: j[0]):
+        for index, key, chain in sorted(jobs, key=lambda j: j[0]):
             front.advance(original, index, providers)
-            spliced, _ = splice(original, built, node_names)
-            results = compare_outputs(targets, list(front.run(spliced, names, providers)))
+            results = compare_outputs(targets, list(front.run(_spliced(original, chain, index), names, providers)))
             errors[key] = float(max(r.rel_l2 for r in results)) if results else float("inf")
             if progress is not None:
                 progress(len(errors), len(wanted), "network sensitivity")

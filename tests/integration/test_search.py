@@ -251,7 +251,7 @@ def test_network_sensitivity_judges_each_option_with_that_layer_alone_decomposed
     assert rel_l2(run_ort(original, x)[0], run_ort(alone, x)[0]) == pytest.approx(row["network_error"], rel=1e-4)
     everything, full_report = compress(MODEL, config=dataclasses.replace(config, nodes=()), calibration=stats)
     layer = next(l for l in full_report.decomposed if l.name == "/7/Conv")
-    spliced, index = splice(original, everything, layer.new_nodes)
+    spliced, index = splice(original, everything, layer)
     assert original.graph.node[index].op_type == "Conv" and original.graph.node[index].name == "/7/Conv"
     onnx.checker.check_model(spliced)
     assert rel_l2(run_ort(spliced, x)[0], run_ort(alone, x)[0]) < 1e-5
