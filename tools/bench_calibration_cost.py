@@ -11,10 +11,14 @@ layers, which would add the measured selection's own cost), and its timings are 
     python tools/bench_calibration_cost.py --models nudenet --count 64
     python tools/bench_calibration_cost.py --from-inputs     # every correction run from the inputs, as before the cuts
     python tools/bench_calibration_cost.py --models nudenet --correction-passes 0   # one correction pass per layer
+    python tools/bench_calibration_cost.py --sequential   # statistics: ONNX Runtime and the moments in turn, as before
 
 ``--from-inputs`` runs the correction's passes and checks from the model's inputs
 (``correct_chains(segments=False)``) instead of from the cut before each pass
 (:mod:`onnxfactor.calibration.segments`): the same results, the previous cost.
+``--sequential`` runs the statistics pass's ONNX Runtime runs and moments in turn, as before
+they overlapped (:func:`onnxfactor.calibration.probe.run_ahead`: the next run computes while the
+current run's moments are added): the same figures, the previous cost.
 """
 
 from __future__ import annotations
@@ -36,12 +40,17 @@ if str(ROOT) not in sys.path:
 LOADERS = {"nudenet": "nudenet", "ppocr_det": "ppocr_det"}
 
 
-def one(name: str, count: int, from_inputs: bool = False, passes: int | None = None) -> dict:
+def one(name: str, count: int, from_inputs: bool = False, passes: int | None = None, sequential: bool = False) -> dict:
     os.environ["ONNXFACTOR_CALIB_COUNT"] = str(count)
+    import functools
+
+    import onnxfactor.calibration as calibration
     from onnxfactor import CompressConfig, compress
     from onnxfactor.calibration import correct
     from tools import calibration_sets, model_zoo
 
+    if sequential:
+        calibration.collect_statistics = functools.partial(calibration.collect_statistics, overlap=False)
     if from_inputs:
         real = correct.correct_chains
         correct.correct_chains = lambda *a, **k: real(*a, segments=False, **k)
@@ -63,7 +72,7 @@ def one(name: str, count: int, from_inputs: bool = False, passes: int | None = N
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tm = report.timings
     return {
-        "model": name, "from_inputs": from_inputs, "passes": report.calibration["correction"]["stages"], "samples": report.calibration["samples"], "input_shape": list(next(iter(feeds[0].values())).shape),
+        "model": name, "from_inputs": from_inputs, "sequential": sequential, "passes": report.calibration["correction"]["stages"], "samples": report.calibration["samples"], "input_shape": list(next(iter(feeds[0].values())).shape),
         "inputs_mb": round(input_mb, 1), "statistics_s": round(tm.get("calibration_statistics", 0), 1),
         "fit_s": round(tm.get("decompose", 0), 1), "correction_s": round(tm.get("correction", 0), 1),
         "total_s": round(wall, 1), "peak_rss_mb": round(peak), "rss_before_mb": round(base),
@@ -78,17 +87,19 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=256)
     p.add_argument("--from-inputs", action="store_true", help="run the correction from the model's inputs (the cost before the cuts)")
     p.add_argument("--correction-passes", type=int, default=None, help="--correction-passes of compress (default 8; 0: one per layer)")
+    p.add_argument("--sequential", action="store_true", help="the statistics' ONNX Runtime runs and moments in turn (the cost before they overlapped)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=ROOT / "out" / "bench_calibration_cost.json")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one, args.count, args.from_inputs, args.correction_passes)))
+        print(json.dumps(one(args.one, args.count, args.from_inputs, args.correction_passes, args.sequential)))
         return 0
     rows = []
     print("| model | inputs | input MB | statistics s | fit s | correction s | total s | peak RSS MB (before) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         out = subprocess.run([sys.executable, __file__, "--one", name, "--count", str(args.count)] + ["--from-inputs"] * args.from_inputs
+                             + ["--sequential"] * args.sequential
                              + ([] if args.correction_passes is None else ["--correction-passes", str(args.correction_passes)]),
                              capture_output=True, text=True, check=True, cwd=ROOT)
         r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -52,8 +52,10 @@ class Probe:
 
     ``spinning=False`` for a probe that takes turns with another session or with torch (the
     correction's passes, the distillation's teacher): its idle worker threads then do not spin
-    and steal the core the other one runs on (:func:`onnxfactor.validation.providers.make_session`).
-    A probe run back to back (the statistics pass) keeps ONNX Runtime's spinning.
+    and steal the core the other one runs on (:func:`onnxfactor.validation.providers.make_session`),
+    as for the statistics pass, whose runs overlap numpy's work on the previous one (:func:`run_ahead`;
+    48 PP-OCRv4 det inputs: 11.9 s without spinning, 16.1 s with it). A probe run back to back keeps
+    ONNX Runtime's spinning.
 
     ``model`` is not modified (it is copied once). :meth:`run` returns name -> array for every
     name in ``names``. ``prune`` keeps only the nodes those tensors depend on.
@@ -118,3 +120,36 @@ class Probe:
             if n in self.inputs:
                 out[n] = feeds[n]
         return out
+
+
+_END = object()
+
+
+def run_ahead(run, items, overlap: bool = True):
+    """Yield ``(item, run(item))`` in order, ``run`` of the next item computing in a worker thread
+    while the caller works on the current one.
+
+    ONNX Runtime and numpy release the GIL, so on two cores a pass of probe runs and numpy work
+    (the statistics' moments, the correction's normal equations) takes about the longer of the two
+    instead of their sum; the caller's own work stays in order on its thread, so its results
+    (random draws included) are those of the sequential pass. ``items`` is advanced only once the
+    current run has returned, so ``run`` may set state that the iterator reads for the next item.
+    At most two runs' results are alive at once. ``overlap=False``: in turn, on the caller's thread.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(items)
+    if not overlap:
+        for item in it:
+            yield item, run(item)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        item = next(it, _END)
+        pending = None if item is _END else pool.submit(run, item)
+        while item is not _END:
+            value = pending.result()
+            following = next(it, _END)
+            pending = None if following is _END else pool.submit(run, following)
+            yield item, value
+            del value
+            item = following

@@ -13,8 +13,13 @@ Conv, never holding all activations:
   priorities, so the draw needs no sample count in advance), whose feeds are kept: the sequential
   correction re-runs just them through the compressed network (and cuts the same windows).
 
-Memory (``CalibrationConfig.memory_mb`` = B): one run's exposed activations (plus their float64
-copy) stay below B / 4 (runs are split into fewer samples when the model's batch axis is dynamic),
+ONNX Runtime computes the next run while the moments of the current one are added (a worker
+thread; both release the GIL), so on two cores the pass takes about the longer of the two instead
+of their sum; the order of the additions, and so every figure, is that of the sequential pass.
+
+Memory (``CalibrationConfig.memory_mb`` = B): two runs' exposed activations (the one being added
+and the next) plus working copies stay below B / 4 (runs are split into fewer samples when the
+model's batch axis is dynamic; a single sample larger than that is still one run),
 tiles below B / 4 over all layers, the cached correction samples below B / 4; the moments need
 ``8 * (C_in^2 + C_out^2) / g`` bytes per Conv on top, independent of the number of samples
 (``CalibrationData.memory`` reports all of it). The correction then keeps the cut tensors of the
@@ -36,7 +41,7 @@ import onnx
 
 from onnxfactor.analysis import ConvSite
 from onnxfactor.calibration.activation import Activation, following_activation
-from onnxfactor.calibration.probe import Probe
+from onnxfactor.calibration.probe import Probe, run_ahead
 from onnxfactor.calibration.tiles import TileGeometry
 from onnxfactor.config import CalibrationConfig
 from onnxfactor.errors import UsageError
@@ -340,11 +345,14 @@ def collect_statistics(
     *,
     providers: list[str],
     progress=None,
+    overlap: bool = True,
 ) -> CalibrationData:
     """One pass of ``source`` (a :class:`onnxfactor.data.FeedSource`) through ``model``: statistics of ``sites``.
 
     ``model`` must be runnable as is (IR < 4 conventions restored). Sites inside subgraphs get no
     statistics (a note says why). ``progress(done_samples, total | None, label)`` after each run.
+    ``overlap=False`` runs ONNX Runtime and the moments in turn (same figures, tested), with the
+    session's threads spinning as for any session run back to back.
     """
     start = time.perf_counter()
     budget = config.memory_mb * _MB
@@ -368,7 +376,7 @@ def collect_statistics(
     if not layers:
         return CalibrationData({}, [], 0, source.describe, 0.0, {}, notes)
     names = [n for st in layers.values() for n in (st.input_name, st.output_name)]
-    probe = Probe(model, names, providers)
+    probe = Probe(model, names, providers, spinning=not overlap)
     splittable = _splittable(model)
     rows_per_run = None  # samples per run when the batch axis is dynamic: measured on a first run of one
     tile_ids = None
@@ -377,38 +385,51 @@ def collect_statistics(
     seen = 0
     peak_run_bytes = 0
     rngs = {name: np.random.default_rng([config.seed, i]) for i, name in enumerate(layers)}
-    for batch in source.batches():
-        if tile_ids is None:
-            per_sample = sum(v.nbytes for k, v in batch.feeds.items() if k in batch.per_sample) / max(batch.size, 1)
-            count = config.correction_samples
-            if per_sample > 0:
-                count = max(1, min(count, int(budget / 4 // per_sample)))
-            tile_ids = _tile_ids(source.samples, count)
-        limit = (rows_per_run or 1) if splittable else batch.size
-        for feeds, first, size in _split(batch.feeds, batch.per_sample, batch.start, batch.size, limit):
-            acts = probe.run(feeds)
-            run_bytes = sum(a.nbytes for a in acts.values())
-            peak_run_bytes = max(peak_run_bytes, run_bytes)
-            if splittable and rows_per_run is None:  # activations plus their float64 copy within budget / 4
-                rows_per_run = max(1, int(budget / 4 // max(3 * run_bytes / size, 1)))
-            ids = np.arange(first, first + size, dtype=np.int64)
-            tile_rows = np.flatnonzero(np.isin(ids, tile_ids))
-            columns = gram_columns(size, source.samples, seen)
-            for st in layers.values():
-                x, y = acts[st.input_name], acts[st.output_name]
-                st.inputs.add(x, rngs[st.name], columns)
-                st.outputs.add(y, rngs[st.name], columns)
-                if len(tile_rows):
-                    st.tiles.offer(rngs[st.name], st.geometry, x, y, tile_rows, ids[tile_rows])
-            del acts
+
+    def runs():
+        """``(batch, feeds, first, size)`` per run; a batch's split is decided when it is reached."""
+        nonlocal tile_ids
+        for batch in source.batches():
+            if tile_ids is None:
+                per_sample = sum(v.nbytes for k, v in batch.feeds.items() if k in batch.per_sample) / max(batch.size, 1)
+                count = config.correction_samples
+                if per_sample > 0:
+                    count = max(1, min(count, int(budget / 4 // per_sample)))
+                tile_ids = _tile_ids(source.samples, count)
+            limit = (rows_per_run or 1) if splittable else batch.size
+            for feeds, first, size in _split(batch.feeds, batch.per_sample, batch.start, batch.size, limit):
+                yield batch, feeds, first, size
+
+    def run(item):
+        nonlocal peak_run_bytes, rows_per_run
+        _, feeds, _, size = item
+        acts = probe.run(feeds)
+        run_bytes = sum(a.nbytes for a in acts.values())
+        peak_run_bytes = max(peak_run_bytes, run_bytes)
+        if splittable and rows_per_run is None:  # two runs' activations plus working copies within budget / 4
+            rows_per_run = max(1, int(budget / 4 // max(4 * run_bytes / size, 1)))
+        return acts
+
+    # ONNX Runtime computes the next run while this one's moments are added
+    for (batch, feeds, first, size), acts in run_ahead(run, runs(), overlap):
+        ids = np.arange(first, first + size, dtype=np.int64)
+        tile_rows = np.flatnonzero(np.isin(ids, tile_ids))
+        columns = gram_columns(size, source.samples, seen)
+        for st in layers.values():
+            x, y = acts[st.input_name], acts[st.output_name]
+            st.inputs.add(x, rngs[st.name], columns)
+            st.outputs.add(y, rngs[st.name], columns)
             if len(tile_rows):
-                keep = tile_rows if splittable else np.arange(size)
-                kept = {k: (np.ascontiguousarray(v[keep]) if splittable and k in batch.per_sample else v) for k, v in feeds.items()}
-                cache.append(CachedChunk(kept, ids[keep]))
-                cache_bytes += sum(v.nbytes for v in kept.values())
-            seen += size
-            if progress is not None:
-                progress(seen, source.samples, "calibration statistics")
+                st.tiles.offer(rngs[st.name], st.geometry, x, y, tile_rows, ids[tile_rows])
+        del acts
+        if len(tile_rows):
+            keep = tile_rows if splittable else np.arange(size)
+            kept = {k: (np.ascontiguousarray(v[keep]) if splittable and k in batch.per_sample else v) for k, v in feeds.items()}
+            cache.append(CachedChunk(kept, ids[keep]))
+            cache_bytes += sum(v.nbytes for v in kept.values())
+        seen += size
+        if progress is not None:
+            progress(seen, source.samples, "calibration statistics")
     if seen == 0:
         raise UsageError(f"the calibration data {source.describe} holds no samples (--calibration)")
     _cap_tiles(layers, budget / 4)

@@ -431,3 +431,43 @@ def test_correction_from_the_cuts_equals_the_correction_from_the_inputs(monkeypa
     for feeds in held:
         assert rel_l2(run_ort(cut, feeds)[0], run_ort(full, feeds)[0]) < 1e-5
     assert a["held_out_error_after"] < a["held_out_error_before"]
+
+
+def test_overlapped_statistics_pass_equals_the_sequential_one(monkeypatch):
+    """ONNX Runtime computing the next run while the current run's moments are added changes no
+    figure: moments, tiles and the kept correction samples equal those of the pass run in turn
+    (bundled model, batch 16 of the calibration set: 8 runs, both splits of the batches)."""
+    import functools
+
+    import onnxfactor.calibration as calibration
+    from onnxfactor import calibrate
+
+    data = dict(np.load(CALIB))
+    feeds = [{"input": data["input"][i : i + 16]} for i in range(0, 128, 16)]
+    config = CompressConfig(calibration=CalibrationConfig(memory_mb=2, correction_samples=24))
+    runs = []
+    real = calibration.collect_statistics
+
+    def counted(*a, **k):
+        stats = real(*a, **k)
+        runs.append(stats)
+        return stats
+
+    monkeypatch.setattr(calibration, "collect_statistics", counted)
+    overlapped = calibrate(MODELS / "fashion_cnn.onnx", feeds, config=config)
+    monkeypatch.setattr(calibration, "collect_statistics", functools.partial(counted, overlap=False))
+    sequential = calibrate(MODELS / "fashion_cnn.onnx", feeds, config=config)
+    assert len(runs) == 2 and overlapped.samples == sequential.samples == 128
+    assert overlapped.memory["run_mb"] > 0 and overlapped.memory == sequential.memory
+    assert list(overlapped.layers) == list(sequential.layers) and len(overlapped.layers) >= 4
+    for name, a in overlapped.layers.items():
+        b = sequential.layers[name]
+        for ma, mb in ((a.inputs, b.inputs), (a.outputs, b.outputs)):
+            assert (ma.count, ma.gram_count, ma.gram_weight) == (mb.count, mb.gram_count, mb.gram_weight)
+            np.testing.assert_array_equal(ma.sum, mb.sum)
+            for ga, gb in zip(ma.grams, mb.grams):
+                np.testing.assert_array_equal(ga, gb)
+        assert a.tiles.count == b.tiles.count > 0
+    ids = lambda s: np.concatenate([c.samples for c in s.cache])  # noqa: E731
+    np.testing.assert_array_equal(ids(overlapped), ids(sequential))
+    assert len(ids(overlapped)) == 24

@@ -116,3 +116,40 @@ def test_a_frontier_over_its_budget_stays_where_it_is():
     enough = Frontier(feeds, budget=4 * per_dict)
     assert enough.advance(model, 4, CPU) and enough.names == ["s", "r", "sum"] and enough.nbytes == 4 * per_dict
     assert not Frontier(feeds, budget=0).advance(model, 4, CPU)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_run_ahead_yields_in_order_and_advances_only_after_each_run(overlap):
+    """``run_ahead``: results in item order; the iterator is advanced only once the current run
+    returned (so a run may set what the iterator reads next), never more than one item ahead of
+    the caller; a run's exception reaches the caller."""
+    from onnxfactor.calibration.probe import run_ahead
+
+    state = {"runs": 0, "advanced": 0}
+
+    def items():
+        for i in range(5):
+            assert state["runs"] == i  # the previous item's run has returned
+            state["advanced"] += 1
+            yield i
+
+    def run(i):
+        state["runs"] += 1
+        return i * i
+
+    seen = []
+    for item, value in run_ahead(run, items(), overlap):
+        assert state["advanced"] <= item + 2  # at most the next item is taken
+        seen.append((item, value))
+    assert seen == [(i, i * i) for i in range(5)]
+
+    def fails(i):
+        if i == 2:
+            raise ValueError("run 2")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="run 2"):
+        for item, _ in run_ahead(fails, range(5), overlap):
+            got.append(item)
+    assert got == [0, 1]
