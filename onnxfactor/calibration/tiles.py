@@ -102,30 +102,34 @@ class TileGeometry:
         ``samples`` indexes axis 0 of ``x``; ``origins`` is ``n x d``. Positions outside the input
         are the Conv's zero padding.
         """
-        n, c = len(samples), x.shape[1]
-        out = np.zeros((n, c, *self.window), dtype=x.dtype)
-        for j, (sample, origin) in enumerate(zip(samples, origins)):
-            src, dst = [], []
-            for axis, (o, w, b, size) in enumerate(zip(origin, self.window, self.pad_begin, self.in_dims)):
-                start = int(o) * self.geometry.strides[axis] - b
-                lo, hi = max(start, 0), min(start + w, size)
-                if hi <= lo:
-                    src = None
-                    break
-                src.append(slice(lo, hi))
-                dst.append(slice(lo - start, hi - start))
-            if src is not None:
-                out[(j, slice(None), *dst)] = x[(int(sample), slice(None), *src)]
-        return out
+        origins = np.asarray(origins, dtype=np.intp).reshape(len(samples), -1)
+        starts = origins * np.asarray(self.geometry.strides, dtype=np.intp) - np.asarray(self.pad_begin, dtype=np.intp)
+        return gather_blocks(x, samples, starts, self.window)
 
     def cut_outputs(self, y: np.ndarray, samples: np.ndarray, origins: np.ndarray) -> np.ndarray:
         """Output blocks ``(n, C, *extent)`` of ``y`` (``N x C x *out_dims``) at ``origins``."""
-        n, c = len(samples), y.shape[1]
-        out = np.empty((n, c, *self.extent), dtype=y.dtype)
-        for j, (sample, origin) in enumerate(zip(samples, origins)):
-            index = tuple(slice(int(o), int(o) + e) for o, e in zip(origin, self.extent))
-            out[j] = y[(int(sample), slice(None), *index)]
-        return out
+        return gather_blocks(y, samples, np.asarray(origins, dtype=np.intp).reshape(len(samples), -1), self.extent)
+
+
+def gather_blocks(a: np.ndarray, samples: np.ndarray, starts: np.ndarray, extent: tuple[int, ...]) -> np.ndarray:
+    """``(n, C, *extent)``: block ``j`` is ``a[samples[j], :, starts[j, 0] : starts[j, 0] + extent[0], ...]``,
+    zero where it lies outside ``a`` (``N x C x *S``).
+
+    One indexing of a sliding-window view of the sampled rows (zero-padded only as far as some
+    block reaches out), instead of a Python loop over 100-500 tiles per layer and run, which was
+    half of the statistics pass's numpy time on NudeNet 320n.
+    """
+    d = len(extent)
+    starts = np.asarray(starts, dtype=np.intp).reshape(len(samples), d)
+    sizes = np.asarray(a.shape[2:], dtype=np.intp)
+    before = np.maximum(0, -starts.min(axis=0, initial=0))
+    after = np.maximum(0, (starts + np.asarray(extent)).max(axis=0, initial=0) - sizes)
+    rows, where = np.unique(np.asarray(samples, dtype=np.intp), return_inverse=True)
+    source = a if len(rows) == a.shape[0] else a[rows]  # rows = arange(N) when all are sampled
+    if before.any() or after.any():
+        source = np.pad(source, [(0, 0), (0, 0)] + [(int(b), int(e)) for b, e in zip(before, after)])
+    view = np.lib.stride_tricks.sliding_window_view(source, tuple(extent), axis=tuple(range(2, 2 + d)))
+    return view[(where.reshape(-1), slice(None), *(starts[:, k] + before[k] for k in range(d)))]
 
 
 def valid_conv(x: np.ndarray, weight: np.ndarray, group: int, strides, dilations) -> np.ndarray:

@@ -252,3 +252,27 @@ def test_plan_stages_covers_every_layer_in_order():
     assert len(stages) == 8 and [i for r in stages for i in r] == list(range(63))
     assert [list(r) for r in plan_stages(3, 0)] == [[0], [1], [2]]  # --correction-passes 0: one pass per layer
     assert len(plan_stages(63, 0)) == 63 and len(plan_stages(63, 1)) == 1
+
+
+@pytest.mark.parametrize("dims", [(9,), (7, 8), (5, 4, 6)])
+def test_gather_blocks_equals_a_loop_of_slices_with_zero_padding(dims):
+    """The one-gather cut of tiles equals slicing each block out of a zero-padded copy, for blocks
+    inside, across and wholly outside the array, in 1-D, 2-D and 3-D; the dtype is kept."""
+    from onnxfactor.calibration.tiles import gather_blocks
+
+    rng = np.random.default_rng(len(dims))
+    a = rng.standard_normal((3, 4, *dims)).astype(np.float32)
+    extent = tuple(min(3, d) for d in dims)
+    n = 40
+    samples = rng.integers(0, 3, n)
+    starts = np.stack([rng.integers(-4, d + 2, n) for d in dims], axis=1)
+    starts[0] = 0  # one block inside
+    starts[1] = [d + 5 for d in dims]  # one wholly outside
+    pad = 10
+    padded = np.pad(a, [(0, 0), (0, 0)] + [(pad, pad)] * len(dims))
+    expected = np.stack([padded[(s, slice(None), *(slice(p + pad, p + pad + e) for p, e in zip(st, extent)))]
+                         for s, st in zip(samples, starts)])
+    got = gather_blocks(a, samples, starts, extent)
+    assert got.dtype == np.float32 and got.shape == (n, 4, *extent)
+    np.testing.assert_array_equal(got, expected)
+    assert not got[1].any() and got[0].all()
