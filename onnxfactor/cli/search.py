@@ -59,7 +59,7 @@ def search(
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="allocate: round ranks up to a multiple of this (1 = off). Default: 8 with --objective latency (measured faster), 1 with macs/params.", show_default=False, min=1)] = None,
     layer_timing: Annotated[bool, typer.Option("--layer-timing", help="allocate: order the front by each layer's chain timed against its Conv in ONNX Runtime (summed ms) instead of MACs.")] = False,
     timing_cache: opt.TimingCache = None,
-    sensitivity: Annotated[opt.SensitivityName, typer.Option("--sensitivity", help="allocate: each option's loss from its layer's own output error (layer) or from the network's output error with only that layer decomposed, on calibration samples (network; slower).")] = opt.SensitivityName.layer,
+    sensitivity: Annotated[opt.SensitivityName, typer.Option("--sensitivity", help="allocate: each option's loss from its layer's own output error (layer) or from the network's worst output error (per channel of N x C x ... outputs) with only that layer decomposed, on calibration samples (network; slower).")] = opt.SensitivityName.layer,
     sensitivity_samples: Annotated[int, typer.Option("--sensitivity-samples", help="With --sensitivity network: calibration samples each option is judged on (the first cached batches holding at least this many).", min=1)] = 32,
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Candidates evaluated at once in a local process pool (default: the cores, at most 4).", show_default=False, min=1)] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Evaluate candidates as Ray tasks: auto, ray://host:port, or local ([ray] extra).", show_default=False)] = None,

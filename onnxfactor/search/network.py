@@ -7,7 +7,10 @@ error; an early conv's is filtered, or amplified, by everything after it), which
 cannot see. Here, as in AIMET's per-layer compression-ratio selection, every option is instead
 judged end to end: the original model with *only that layer* replaced by its chain (the same
 data-aware fit, before any correction) runs on calibration samples, and the option's loss is the
-square of the network's worst relative output error against the original. Independent errors at
+square of the network's worst relative output error against the original, per channel
+(:func:`onnxfactor.validation.compare.worst_channel_error`: each channel of an ``N x C x ...``
+output is judged on its own, so a YOLO head's class scores count beside its pixel-sized box
+coordinates; for ``N x C`` classifier outputs it is the plain relative L2). Independent errors at
 the outputs add in energy, so the allocation's sum of losses predicts the network's squared
 error. Only calibration samples are used (the held-out data stays for the candidates' judgement).
 
@@ -146,13 +149,13 @@ def _loss(error: float) -> float:
 def network_sensitivity(curves: dict[str, list[Option]], rows: list[dict], model, stats, base, *, methods, fractions,
                         round_to: int, input_shapes=None, samples: int = SAMPLES, providers=None, progress=None) -> dict:
     """Replace the losses of ``curves``' options (and add ``network_error`` to ``rows``) by the network's
-    squared worst relative output error with that option alone applied (module docstring). Returns
+    squared worst relative output error (per channel) with that option alone applied (module docstring). Returns
     a summary for the report (options judged, samples, seconds)."""
     from onnxfactor.calibration.probe import Probe
     from onnxfactor.calibration.segments import Frontier
     from onnxfactor.prepare import prepare, runnable
     from onnxfactor.validation import resolve_providers
-    from onnxfactor.validation.compare import compare_outputs
+    from onnxfactor.validation.compare import worst_channel_error
 
     start = time.perf_counter()
     providers = providers or resolve_providers(base.calibration.provider)
@@ -187,8 +190,7 @@ def network_sensitivity(curves: dict[str, list[Option]], rows: list[dict], model
         front = Frontier(feeds, budget)
         for index, key, chain in sorted(jobs, key=lambda j: j[0]):
             front.advance(original, index, providers)
-            results = compare_outputs(targets, list(front.run(_spliced(original, chain, index), names, providers)))
-            errors[key] = float(max(r.rel_l2 for r in results)) if results else float("inf")
+            errors[key] = worst_channel_error(targets, list(front.run(_spliced(original, chain, index), names, providers)))
             if progress is not None:
                 progress(len(errors), len(wanted), "network sensitivity")
         del built

@@ -717,3 +717,38 @@ def test_worst_and_speedup():
     d = result.to_dict()
     assert d["speedup"] == 2.0 and d["latency_original"] == {"median_ms": 4.0, "p10_ms": 3.0, "p90_ms": 5.0, "runs": 10}
     assert _result(0.1).speedup is None
+
+
+def test_worst_channel_error_judges_every_channel_of_a_detector_head():
+    """``worst_channel_error``: plain relative L2 for ``N x C`` outputs; for ``N x C x anchors`` the
+    worst channel's relative error, so class scores in [0, 1] beside box coordinates in pixels
+    count (the whole output's relative L2 does not see a 50 % class-score error); batches
+    accumulate; the worst output counts; non-finite values give inf unless equal in both."""
+    from onnxfactor.validation.compare import compare_outputs, worst_channel_error
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 10))
+    noisy = logits + 0.1 * rng.standard_normal((8, 10))
+    plain = compare_outputs({"y": logits}, {"y": noisy})[0].rel_l2
+    assert worst_channel_error({"y": logits}, {"y": noisy}) == pytest.approx(plain, rel=1e-12)
+
+    boxes = rng.uniform(0, 320, (2, 4, 100))
+    scores = rng.uniform(0, 1, (2, 2, 100))
+    head = np.concatenate([boxes, scores], axis=1)
+    hurt = head.copy()
+    hurt[:, 4] *= 0.5  # the first class's scores halved: that channel's relative error is 0.5
+    hurt[:, 5] *= 0.9  # the second's by a tenth
+    assert compare_outputs({"y": head}, {"y": hurt})[0].rel_l2 < 0.01
+    worst = worst_channel_error({"y": head}, {"y": hurt})
+    assert worst == pytest.approx(0.5, rel=1e-9)
+    halves = [{"y": head[:1], "z": logits}, {"y": head[1:], "z": logits}]
+    assert worst_channel_error(halves, [{"y": hurt[:1], "z": noisy}, {"y": hurt[1:], "z": noisy}]) == pytest.approx(worst)
+    assert worst_channel_error([{"z": logits}, {"z": logits}], [{"z": noisy}, {"z": 9 * logits}]) > 1
+    bad = hurt.copy()
+    bad[0, 0, 0] = np.nan
+    assert worst_channel_error({"y": head}, {"y": bad}) == float("inf")
+    masked = head.copy()
+    masked[0, 5, :3] = -np.inf
+    same = hurt.copy()
+    same[0, 5, :3] = -np.inf
+    assert worst_channel_error({"y": masked}, {"y": same}) == pytest.approx(0.5, rel=1e-9)
