@@ -147,7 +147,8 @@ class CalibrationConfig:
     samples:
         Use at most this many calibration samples (None: all).
     memory_mb:
-        Budget for the calibration stage's own arrays: exposed activations of one run, tiles and
+        Budget for the calibration stage's own arrays: exposed activations of two runs (the one
+        being added and the next, computed meanwhile), tiles and
         the cached tile samples each get a quarter; the moment matrices come on top (reported).
         During the correction the cut tensors of the compressed and the original network on the
         cached samples get a quarter each (:mod:`onnxfactor.calibration.segments`).

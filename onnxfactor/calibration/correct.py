@@ -302,7 +302,7 @@ def correct_chains(candidates, build, original: onnx.ModelProto, calibration: Ca
 
     Every run starts at the cut before the current pass (:mod:`onnxfactor.calibration.segments`):
     the cut tensors of the compressed and of the original network on the cached samples take at
-    most a quarter of ``config.memory_mb`` each (the statistics pass's quarter for one run's
+    most a quarter of ``config.memory_mb`` each (the statistics pass's quarter for its runs'
     activations, free by now), or the run starts further back. ``segments=False`` runs everything
     from the inputs (the same results; tested).
     """
