@@ -286,7 +286,8 @@ def worst_channel_error(
     """The worst relative L2 error over ``original``'s outputs and, for outputs of rank >= 3, their channels.
 
     An ``N x C x ...`` output's channel of axis 1 gets its own relative L2 over the other axes and
-    batches; a lower-rank output (``N x C`` logits) its plain ``rel_l2``. A YOLO head's single
+    batches; a lower-rank output (``N x C`` logits), or one whose axis 1 differs in size between
+    batches (a sequence length), its plain ``rel_l2``. A YOLO head's single
     ``1 x (4 + classes) x anchors`` output holds box coordinates in pixels beside class scores in
     [0, 1]: its plain relative L2 is the boxes' alone (NudeNet 320n with 43 layers decomposed:
     boxes 0.02, class scores 0.68, the whole output 0.02), while the class scores decide the
@@ -296,6 +297,12 @@ def worst_channel_error(
     both models are left out; any other non-finite value: ``inf``.
     """
     original, compressed = _as_batches(original), _as_batches(compressed)
+    # channels: axis 1 of outputs of rank >= 3 whose axis 1 has one size in every batch (a
+    # sequence length that varies from batch to batch, as PP-OCR rec's time steps, is no channel axis)
+    sizes: dict[str, set] = {}
+    for batch in original:
+        for name, a in batch.items():
+            sizes.setdefault(name, set()).add(np.shape(a)[1] if np.ndim(a) >= 3 else None)
     num: dict[str, np.ndarray] = {}
     den: dict[str, np.ndarray] = {}
     for a_batch, b_batch in zip(original, compressed):
@@ -306,7 +313,8 @@ def worst_channel_error(
                 return float("inf")
             if not np.isfinite(a).all():  # infinities equal in both (masked logits): left out, as in rel_l2
                 a, b = np.where(np.isfinite(a), a, 0.0), np.where(np.isfinite(a), b, 0.0)
-            axes = (0, *range(2, a.ndim)) if a.ndim >= 3 else None
+            per_channel = a.ndim >= 3 and len(sizes[name]) == 1
+            axes = (0, *range(2, a.ndim)) if per_channel else None
             num[name] = num.get(name, 0.0) + np.square(a - b).sum(axis=axes)
             den[name] = den.get(name, 0.0) + np.square(a).sum(axis=axes)
     errors = [float(np.sqrt(np.max(num[n] / np.maximum(den[n], _TINY)))) for n in num]  # per channel, then the worst

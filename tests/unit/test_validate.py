@@ -752,3 +752,8 @@ def test_worst_channel_error_judges_every_channel_of_a_detector_head():
     same = hurt.copy()
     same[0, 5, :3] = -np.inf
     assert worst_channel_error({"y": masked}, {"y": same}) == pytest.approx(0.5, rel=1e-9)
+    # an axis 1 that changes size from batch to batch (a sequence length) is no channel axis
+    seq = [rng.standard_normal((1, t, 5)) for t in (3, 7)]
+    off = [x + 0.1 * rng.standard_normal(x.shape) for x in seq]
+    whole = compare_outputs([{"s": x} for x in seq], [{"s": x} for x in off])[0].rel_l2
+    assert worst_channel_error([{"s": x} for x in seq], [{"s": x} for x in off]) == pytest.approx(whole, rel=1e-12)
