@@ -130,8 +130,9 @@ def run_ahead(run, items, overlap: bool = True):
     while the caller works on the current one.
 
     ONNX Runtime and numpy release the GIL, so on two cores a pass of probe runs and numpy work
-    (the statistics' moments, the correction's normal equations) takes about the longer of the two
-    instead of their sum; the caller's own work stays in order on its thread, so its results
+    (the statistics' moments and tiles) takes about the longer of the two instead of their sum
+    (the correction's normal equations were tried too and gained nothing measurable: its time is
+    in the runs); the caller's own work stays in order on its thread, so its results
     (random draws included) are those of the sequential pass. ``items`` is advanced only once the
     current run has returned, so ``run`` may set state that the iterator reads for the next item.
     At most two runs' results are alive at once. ``overlap=False``: in turn, on the caller's thread.

@@ -116,8 +116,8 @@ def gather_blocks(a: np.ndarray, samples: np.ndarray, starts: np.ndarray, extent
     zero where it lies outside ``a`` (``N x C x *S``).
 
     One indexing of a sliding-window view of the sampled rows (zero-padded only as far as some
-    block reaches out), instead of a Python loop over 100-500 tiles per layer and run, which was
-    half of the statistics pass's numpy time on NudeNet 320n.
+    block reaches out) instead of a Python loop over the 100-500 tiles of a layer and run (NudeNet
+    320n's statistics pass, numpy-bound: 11 -> 9 s for 256 inputs).
     """
     d = len(extent)
     starts = np.asarray(starts, dtype=np.intp).reshape(len(samples), d)
