@@ -119,7 +119,11 @@ class Probe:
         try:
             given = feeds if self.feed_names is None else {n: feeds[n] for n in self.feed_names if n in feeds}
             inputs = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for n, v in given.items()}
-            values = [v.numpy() for v in self.session.run_with_ort_values(self.fetch, inputs)] if self.fetch else []
+            values = self.session.run_with_ort_values(self.fetch, inputs) if self.fetch else []
+            if all(v.is_tensor() for v in values):
+                values = [v.numpy() for v in values]
+            else:  # a sequence or map output (a check of a model's graph outputs): ONNX Runtime's conversion
+                values = self.session.run(self.fetch, given)
         except Exception as e:  # noqa: BLE001
             raise UsageError(
                 f"ONNX Runtime failed to run the model on the calibration data: {first_line(e)}; "

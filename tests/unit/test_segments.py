@@ -153,3 +153,24 @@ def test_run_ahead_yields_in_order_and_advances_only_after_each_run(overlap):
         for item, _ in run_ahead(fails, range(5), overlap):
             got.append(item)
     assert got == [0, 1]
+
+
+def test_probe_returns_arrays_it_owns_and_sequence_outputs_as_lists():
+    """Probe.run fetches tensors without a copy (OrtValues): the arrays stay valid after later runs
+    reuse ONNX Runtime's memory; a sequence output (no tensor) falls back to session.run's lists."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    seq = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("SequenceConstruct", ["y", "x"], ["s"])],
+                              "g", [x], [y, seq])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    tensors = Probe(model, ["y"], ["CPUExecutionProvider"])
+    a = np.arange(8, dtype=np.float32).reshape(2, 4) - 3
+    first = tensors.run({"x": a})["y"]
+    for k in range(5):
+        tensors.run({"x": a * (k + 10)})
+    np.testing.assert_array_equal(first, np.maximum(a, 0))
+    both = Probe(model, ["y", "s"], ["CPUExecutionProvider"]).run({"x": a})
+    assert isinstance(both["s"], list) and len(both["s"]) == 2
+    np.testing.assert_array_equal(both["s"][1], a)
+    np.testing.assert_array_equal(both["y"], np.maximum(a, 0))
