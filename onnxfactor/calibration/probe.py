@@ -116,13 +116,16 @@ class Probe:
         """
         import onnxruntime as ort
 
+        given = feeds if self.feed_names is None else {n: feeds[n] for n in self.feed_names if n in feeds}
         try:
-            given = feeds if self.feed_names is None else {n: feeds[n] for n in self.feed_names if n in feeds}
             inputs = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for n, v in given.items()}
-            values = self.session.run_with_ort_values(self.fetch, inputs) if self.fetch else []
-            if all(v.is_tensor() for v in values):
+        except Exception:  # noqa: BLE001 - an input OrtValues do not hold (strings): session.run converts it
+            inputs = None
+        try:
+            values = self.session.run_with_ort_values(self.fetch, inputs) if self.fetch and inputs is not None else []
+            if inputs is not None and all(v.is_tensor() for v in values):
                 values = [v.numpy() for v in values]
-            else:  # a sequence or map output (a check of a model's graph outputs): ONNX Runtime's conversion
+            elif self.fetch:  # a sequence or map output (a check of a model's graph outputs): ONNX Runtime's conversion
                 values = self.session.run(self.fetch, given)
         except Exception as e:  # noqa: BLE001
             raise UsageError(
